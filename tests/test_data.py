@@ -1,0 +1,134 @@
+"""Tests of data.py: espeak-ng speech, viseme tracks, rendered clips, files, splits, MediaPipe agreement."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import landmarks  # noqa: E402
+
+TEXT = "Papa, a map."
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory):
+    """A ~1.5 s clip at 128 px written to disk: (clip dict, npz path, mp4 path)."""
+    clip = data.make_clip(seed=3, index=0, split="train", size=128, text=TEXT)
+    stem = str(tmp_path_factory.mktemp("clip") / "clip_0000")
+    data.write_clip(stem, clip)
+    return clip, stem + ".npz", stem + ".mp4"
+
+
+def test_speech_phoneme_events_in_order():
+    wav, phonemes = data.synthesize("Mama bought a big apple.", "en-us", rate=170, pitch=50)
+    duration = len(wav) / data.ESPEAK_RATE
+    assert wav.dtype == np.int16 and 0.8 < duration < 4.0
+    starts = np.array([s for s, _, _ in phonemes])
+    ends = np.array([e for _, e, _ in phonemes])
+    assert len(phonemes) >= 12
+    assert np.all(np.diff(starts) > 0) and np.all(ends > starts) and ends[-1] <= duration + 1e-6
+    labels = [re.sub("[ˈˌː]", "", p) for _, _, p in phonemes]
+    assert labels[:2] == ["m", "ɑ"] and "b" in labels and "p" in labels
+
+
+def test_speech_clip_audio_length_and_timings():
+    audio, times, ipa, text = data.speech_clip(np.random.default_rng(5), "train")
+    duration = len(audio) / data.SAMPLE_RATE
+    assert audio.dtype == np.int16 and data.CLIP_SECONDS[0] <= duration <= data.CLIP_SECONDS[1] + 1e-6
+    assert times.shape == (len(ipa), 2) and len(ipa) > 10
+    assert np.all(times[:, 1] > times[:, 0]) and times[-1, 1] <= duration + 1e-6
+    sentences = [s.strip() for s in re.findall(r"[^.]+\.", text)]
+    assert sentences and all(s in data.sentence_pool("train") for s in sentences)
+
+
+def test_articulation_follows_phonemes():
+    phonemes = np.array([[0.3, 0.4], [0.4, 0.65], [0.65, 0.7], [0.7, 0.95], [0.95, 1.2]], np.float32)
+    ipa = ["m", "ˈɑː", "p", "iː", "uː"]
+    art = data.articulation(phonemes, ipa, 1.6)
+    assert art.shape == (math.ceil(1.6 * data.FPS), 2)
+    at = lambda t: art[int(t * data.FPS)]  # frame whose centre is nearest after t - 20 ms
+    assert at(0.1)[0] == pytest.approx(0, abs=1e-3) and at(1.5)[0] == pytest.approx(0, abs=1e-3)  # silence
+    assert at(0.35)[0] < 0.05 and at(0.65)[0] < 0.05  # m and p closures
+    assert at(0.52)[0] > 0.7  # 'a' open
+    assert at(0.85)[1] > 0.4 and at(1.1)[1] < -0.4  # i spread, u rounded
+
+
+def test_clip_files_keys_shapes_and_codecs(short_clip):
+    clip, npz, mp4 = short_clip
+    loaded = data.load_clip(npz)
+    duration = len(loaded["audio"]) / loaded["sample_rate"]
+    T = math.ceil(duration * 25)
+    assert 0.8 < duration < 2.5
+    assert set(loaded) == {"landmarks", "fps", "identity", "audio", "sample_rate", "text", "phonemes",
+                           "phoneme_ipa", "frame_size"}
+    assert loaded["landmarks"].shape == (T, 478, 3) and loaded["landmarks"].dtype == np.float32
+    assert loaded["fps"] == 25 and loaded["sample_rate"] == 16000 and loaded["frame_size"] == 128
+    assert loaded["audio"].dtype == np.int16 and loaded["text"] == TEXT
+    assert loaded["phonemes"].shape == (len(loaded["phoneme_ipa"]), 2)
+    assert loaded["identity"] in data.TRAIN_IDENTITIES
+    probe = subprocess.run([data.ffmpeg_exe(), "-hide_banner", "-i", mp4], capture_output=True, text=True).stderr
+    assert re.search(r"Video: h264", probe) and re.search(r"Audio: aac", probe) and "25 fps" in probe
+    frames = data.read_frames(mp4)
+    assert frames.shape == (T, 128, 128, 3) and frames.dtype == np.uint8
+    assert np.abs(frames.astype(int) - clip["frames"].astype(int)).mean() < 6  # H.264 is lossy but close
+    assert data.read_frames(mp4, size=64).shape == (T, 64, 64, 3)
+
+
+def test_clip_is_deterministic_by_seed(short_clip):
+    clip = short_clip[0]
+    again = data.make_clip(seed=3, index=0, split="train", size=128, text=TEXT)
+    other = data.make_clip(seed=4, index=0, split="train", size=128, text=TEXT)
+    assert np.array_equal(clip["frames"], again["frames"])
+    assert np.array_equal(clip["landmarks"], again["landmarks"]) and np.array_equal(clip["audio"], again["audio"])
+    assert not np.array_equal(clip["landmarks"], other["landmarks"])
+
+
+def test_mouth_closed_at_bilabials_and_silence_open_on_a(short_clip):
+    clip = short_clip[0]
+    checks = data.ground_truth_checks(clip)
+    assert checks["silences"] >= 1 and checks["bilabials"] >= 3
+    assert checks["silence_max"] < 0.1 and checks["bilabial_max"] < 0.1
+    opening = landmarks.mouth_opening(clip["landmarks"]) / landmarks.inter_ocular(clip["landmarks"])
+    open_vowels = ("ɑ", "a", "æ")
+    vowels = [(s, e) for (s, e), p in zip(clip["phonemes"], clip["phoneme_ipa"]) if p.strip("ˈˌː") in open_vowels]
+    assert vowels
+    frame = int((vowels[0][0] + vowels[0][1]) / 2 * 25)
+    assert opening[frame] > 0.12 and opening[frame] > 0.5 * opening.max()
+
+
+def test_identity_splits_are_disjoint():
+    assert not set(data.TRAIN_IDENTITIES) & set(data.TEST_IDENTITIES)
+    assert len(data.TRAIN_IDENTITIES) + len(data.TEST_IDENTITIES) >= 16 + 4
+    rng = np.random.default_rng(0)
+    assert {data.pick_identity(rng, "test") for _ in range(200)} == set(data.TEST_IDENTITIES)
+    assert {data.pick_identity(rng, "train") for _ in range(400)} == set(data.TRAIN_IDENTITIES)
+    assert not set(data.sentence_pool("train")) & set(data.sentence_pool("test"))
+    with pytest.raises(data.UsageError):
+        data.pick_identity(rng, "val")
+
+
+def test_mediapipe_finds_rendered_face_and_lips():
+    art = np.array([[0.0, 0.0], [0.9, 0.1]], np.float32)
+    frames, meshes = data.render_clip(17, art, np.zeros(2, np.float32), np.zeros((2, 5), np.float32), 256)
+    for frame, gt in zip(frames, meshes):
+        found = landmarks.detect_image(frame)
+        err = landmarks.lip_lmd(found, gt) / landmarks.inter_ocular(gt)
+        assert err < 0.05
+    opening = landmarks.mouth_opening(meshes) / landmarks.inter_ocular(meshes)
+    assert opening[0] < 0.01 and opening[1] > 0.2
+
+
+def test_ensure_synthetic_generates_once(tmp_path):
+    paths = data.ensure_synthetic("test", clips=1, seed=1, root=str(tmp_path), size=64, workers=1)
+    assert len(paths) == 1 and os.path.exists(paths[0]) and os.path.exists(paths[0][:-4] + ".mp4")
+    assert data.load_clip(paths[0])["identity"] in data.TEST_IDENTITIES
+    stamp = os.path.getmtime(paths[0])
+    assert data.ensure_synthetic("test", clips=1, seed=1, root=str(tmp_path), size=64, workers=1) == paths
+    assert os.path.getmtime(paths[0]) == stamp
