@@ -1,0 +1,303 @@
+"""Tests for vae.py: the KL autoencoder (frozen E / D of the L2I stage), its loss, data wrapper and PSNR."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vae import (AutoencoderKL, DiagonalGaussian, FrameDataset, PatchDiscriminator, VAEConfig,  # noqa: E402
+                 discriminator_loss, psnr, sobel_edges, to_uint8, vae_loss)
+
+
+def small_cfg(**kw):
+    """A very small f = 4 config for fast CPU tests."""
+    base = dict(resolution=32, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
+                disc_channels=8, disc_layers=2)
+    base.update(kw)
+    return VAEConfig(**base)
+
+
+def smooth_images(n, size, seed=0):
+    """Structured images in [-1, 1]: colour gradients plus a disc, (n, 3, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    imgs = []
+    for _ in range(n):
+        a = torch.rand(3, 3, generator=g) * 2 - 1
+        c = torch.rand(2, generator=g) - 0.5
+        disc = ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 < 0.15).float()
+        img = a[:, 0, None, None] * xx + a[:, 1, None, None] * yy + a[:, 2, None, None] * disc
+        imgs.append(img.clamp(-1, 1))
+    return torch.stack(imgs)
+
+
+# ---- config ---------------------------------------------------------------------------------------------
+
+def test_presets_and_unknown_preset():
+    tiny, paper = VAEConfig.preset("tiny"), VAEConfig.preset("paper")
+    assert (tiny.resolution, tiny.downsampling_factor, tiny.latent_shape) == (64, 4, (4, 16, 16))
+    assert (paper.resolution, paper.downsampling_factor, paper.latent_shape) == (256, 8, (4, 32, 32))
+    with pytest.raises(ValueError, match="tiny"):
+        VAEConfig.preset("huge")
+
+
+def test_config_roundtrip_through_json():
+    cfg = VAEConfig.preset("tiny")
+    back = VAEConfig(**json.loads(json.dumps(cfg.to_dict())))  # tuples come back as lists
+    assert back == cfg
+
+
+def test_config_rejects_bad_groups():
+    with pytest.raises(ValueError, match="norm_groups"):
+        VAEConfig(base_channels=20, norm_groups=8)
+
+
+# ---- shapes ---------------------------------------------------------------------------------------------
+
+def test_tiny_preset_shapes():
+    torch.manual_seed(0)
+    model = AutoencoderKL(VAEConfig.preset("tiny"))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    posterior = model.encode(x)
+    assert posterior.mean.shape == posterior.logvar.shape == (2, 4, 16, 16)
+    x_rec, post2 = model(x)
+    assert x_rec.shape == x.shape and isinstance(post2, DiagonalGaussian)
+    assert model.decode(posterior.sample()).shape == (2, 3, 64, 64)
+
+
+def test_factor8_paper_like_shapes():
+    torch.manual_seed(0)
+    cfg = VAEConfig(resolution=64, base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                    norm_groups=8)
+    model = AutoencoderKL(cfg)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    z = model.encode_latents(x)
+    assert z.shape == (1, 4, 8, 8)
+    assert model.decode_latents(z).shape == (1, 3, 64, 64)
+
+
+def test_paper_preset_size_matches_sd_vae():
+    """Same layout as SD's AutoencoderKL (83.65 M parameters); constructed, not run."""
+    model = AutoencoderKL(VAEConfig.preset("paper"))
+    n = sum(p.numel() for p in model.parameters())
+    assert 83.0e6 < n < 84.5e6, n
+
+
+# ---- posterior ------------------------------------------------------------------------------------------
+
+def test_kl_zero_for_standard_normal_and_nonnegative():
+    assert torch.allclose(DiagonalGaussian(torch.zeros(3, 8, 4, 4)).kl(), torch.zeros(3))
+    params = torch.randn(3, 8, 4, 4) * 2
+    post = DiagonalGaussian(params)
+    kl = post.kl()
+    assert kl.shape == (3,) and (kl > 0).all()
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(post.mean, post.std),
+                                            torch.distributions.Normal(0.0, 1.0)).sum(dim=(1, 2, 3))
+    assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nll_matches_normal_log_prob():
+    post = DiagonalGaussian(torch.randn(2, 8, 3, 3))
+    z = torch.randn(2, 4, 3, 3)
+    ref = -torch.distributions.Normal(post.mean, post.std).log_prob(z).sum(dim=(1, 2, 3))
+    assert torch.allclose(post.nll(z), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_logvar_is_clamped():
+    params = torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), 100.0)], dim=1)
+    post = DiagonalGaussian(params)
+    assert post.logvar.max().item() == 20.0
+    assert DiagonalGaussian(-params).logvar.min().item() == -30.0
+
+
+def test_sample_and_mode_statistics():
+    mean = torch.full((4, 4, 32, 32), 1.5)
+    logvar = torch.full_like(mean, math.log(0.25))
+    post = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
+    assert torch.equal(post.mode(), mean)
+    s = post.sample(torch.Generator().manual_seed(0))
+    assert abs(s.mean().item() - 1.5) < 0.02 and abs(s.std().item() - 0.5) < 0.02
+    s2 = post.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(s, s2)
+
+
+# ---- scale factor and latent interface ------------------------------------------------------------------
+
+def test_measure_scale_factor_gives_unit_std():
+    torch.manual_seed(0)
+    model = AutoencoderKL(small_cfg()).eval()
+    x = smooth_images(6, 32)
+    assert model.scale_factor.item() == 1.0
+    scale = model.measure_scale_factor([x[:3], x[3:]])
+    with torch.no_grad():
+        z = model.encode_latents(x)
+    assert abs(z.std().item() - 1.0) < 1e-3
+    assert scale == pytest.approx(model.scale_factor.item())
+    # already-encoded latents are accepted as they are
+    assert model.measure_scale_factor(torch.randn(8, 4, 8, 8) * 3.0) == pytest.approx(1 / 3.0, rel=0.05)
+    # the measured value travels with the weights
+    fresh = AutoencoderKL(small_cfg())
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.scale_factor.item() == pytest.approx(model.scale_factor.item())
+
+
+def test_encode_decode_latents_consistent_with_scale_factor():
+    torch.manual_seed(0)
+    model = AutoencoderKL(small_cfg()).eval()
+    x = smooth_images(2, 32)
+    with torch.no_grad():
+        ref = model.decode(model.encode(x).mode())
+        model.scale_factor.fill_(0.25)
+        z = model.encode_latents(x)
+        assert torch.allclose(z, model.encode(x).mode() * 0.25)
+        assert torch.allclose(model.decode_latents(z), ref, atol=1e-5)
+
+
+def test_freeze_stops_gradients():
+    model = AutoencoderKL(small_cfg()).freeze()
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+# ---- losses ---------------------------------------------------------------------------------------------
+
+def test_vae_loss_composition():
+    torch.manual_seed(0)
+    cfg = small_cfg(kl_weight=1e-2)
+    model = AutoencoderKL(cfg)
+    x = smooth_images(2, 32)
+    loss, logs = vae_loss(model, x)
+    assert set(logs) >= {"loss", "rec", "kl", "edge"}
+    expected = logs["rec"] + cfg.kl_weight * logs["kl"] / (3 * 32 * 32)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert model.encoder.conv_in.weight.grad is not None
+
+
+def test_sobel_edges():
+    assert sobel_edges(torch.ones(1, 3, 8, 8)).abs().max().item() == 0.0
+    ramp = torch.arange(8.0).repeat(8, 1)[None, None]                  # (1, 1, 8, 8), +1 per column
+    edges = sobel_edges(ramp)
+    assert edges.shape == (1, 2, 8, 8)
+    assert torch.allclose(edges[0, 0, :, 1:-1], torch.full((8, 6), -1.0))   # d/dx, interior
+    assert torch.allclose(edges[0, 1], torch.zeros(8, 8))                     # d/dy
+
+
+def test_discriminator_path_runs():
+    torch.manual_seed(0)
+    cfg = small_cfg(adversarial=True, disc_start=5, edge_weight=0.1)
+    model, disc = AutoencoderKL(cfg), PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers)
+    x = smooth_images(4, 32)
+    assert disc(x).shape[:2] == (4, 1)
+    # before disc_start: no adversarial term, discriminator step is a no-op
+    loss, logs = vae_loss(model, x, disc=disc, step=0)
+    assert "g_loss" not in logs
+    d_loss, _ = discriminator_loss(model, disc, x, step=0)
+    assert d_loss.item() == 0.0
+    # after disc_start
+    loss, logs, x_rec = vae_loss(model, x, disc=disc, step=5, return_rec=True)
+    assert math.isfinite(logs["g_loss"]) and math.isfinite(logs["d_weight"]) and logs["d_weight"] >= 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    disc.zero_grad()
+    d_loss, d_logs = discriminator_loss(model, disc, x, x_rec, step=5)
+    assert math.isfinite(d_loss.item()) and d_loss.item() > 0
+    d_loss.backward()
+    assert disc.net[0].weight.grad.abs().sum() > 0
+
+
+def test_short_overfit_raises_psnr():
+    """150 Adam steps on 4 small images: PSNR must rise by more than 10 dB (about +20 dB measured)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and robust to a loaded machine
+    try:
+        cfg = small_cfg(resolution=16, attention=False, lr=2e-3)
+        model = AutoencoderKL(cfg)
+        x = smooth_images(4, 16, seed=1)
+        with torch.no_grad():
+            start = psnr(model(x, sample_posterior=False)[0], x)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+        for _ in range(150):
+            loss, _ = vae_loss(model, x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            end = psnr(model(x, sample_posterior=False)[0], x)
+    finally:
+        torch.set_num_threads(threads)
+    assert end > start + 10.0, (start, end)
+
+
+# ---- data and metric ------------------------------------------------------------------------------------
+
+def test_frame_dataset_range_and_flip():
+    frames = np.zeros((2, 4, 6, 3), np.uint8)
+    frames[:, :, 0] = 255                                              # left column white
+    ds = FrameDataset(frames, hflip=False)
+    x = ds[0]
+    assert x.shape == (3, 4, 6) and x.dtype == torch.float32
+    assert x[:, :, 0].eq(1.0).all() and x[:, :, 1:].eq(-1.0).all()
+    flipped = FrameDataset(frames, hflip=True).random_batch(64, torch.Generator().manual_seed(0))
+    assert flipped.shape == (64, 3, 4, 6)
+    left_white = flipped[:, 0, 0, 0] == 1.0
+    right_white = flipped[:, 0, 0, -1] == 1.0
+    assert left_white.any() and right_white.any() and (left_white ^ right_white).all()
+    assert np.array_equal(to_uint8(FrameDataset.to_tensor(frames)), frames)
+
+
+def test_frame_dataset_rejects_bad_frames():
+    with pytest.raises(ValueError):
+        FrameDataset(np.zeros((2, 4, 4, 3), np.float32))
+    with pytest.raises(ValueError):
+        FrameDataset(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError):
+        FrameDataset(np.zeros((0, 4, 4, 3), np.uint8))
+
+
+def test_psnr_known_values():
+    x = torch.zeros(2, 3, 8, 8)
+    assert psnr(x, x) == math.inf
+    y = x + 0.1                                                        # MSE 0.01 -> 10 log10(4 / 0.01)
+    assert psnr(x, y) == pytest.approx(10 * math.log10(400.0), abs=1e-6)
+    assert psnr(x[0], y[0]) == pytest.approx(26.0206, abs=1e-4)
+    per_image = psnr(x, torch.stack([x[0] + 0.1, x[1] + 0.2]), reduction="none")
+    assert per_image.shape == (2,) and per_image[0] > per_image[1]
+    # mask: error only outside the masked region -> perfect inside
+    z = x.clone()
+    z[:, :, :4] = 0.5
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:, :] = 1
+    assert psnr(x, z, mask=mask) == math.inf
+    assert psnr(x, z) == pytest.approx(10 * math.log10(4 / (0.25 / 2)), abs=1e-6)
+
+
+def test_psnr_matches_skimage():
+    metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 16, 16, generator=g) * 2 - 1
+    y = (x + 0.05 * torch.randn(3, 16, 16, generator=g)).clamp(-1, 1)
+    ref = metrics.peak_signal_noise_ratio(x.numpy(), y.numpy(), data_range=2.0)
+    assert psnr(x, y) == pytest.approx(ref, abs=1e-4)
+
+
+def test_bad_shapes_raise_value_error():
+    model = AutoencoderKL(small_cfg())
+    for bad in (torch.zeros(3, 32, 32), torch.zeros(1, 1, 32, 32), torch.zeros(1, 3, 30, 30),
+                torch.zeros(1, 3, 32, 32, dtype=torch.uint8)):
+        with pytest.raises(ValueError):
+            model.encode(bad)
+    for bad in (torch.zeros(1, 3, 8, 8), torch.zeros(4, 8, 8)):
+        with pytest.raises(ValueError):
+            model.decode(bad)
+        with pytest.raises(ValueError):
+            model.decode_latents(bad)
+    with pytest.raises(ValueError):
+        DiagonalGaussian(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError):
+        psnr(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
