@@ -1,0 +1,82 @@
+"""train.py: flags from the config dataclass, the one-dict checkpoint, resume, pictures, and user errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from dreamhead import UsageError, load_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_VAE = ["--stage", "vae", "--resolution", "32", "--base-channels", "8", "--norm-groups", "4",
+            "--batch-size", "2", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Two 1-second synthetic clips at 64 px: one training folder, one held-out folder."""
+    root = tmp_path_factory.mktemp("clips")
+    folders = []
+    for split in ("train", "test"):
+        folder = root / split
+        folder.mkdir()
+        data.write_clip(str(folder / "clip_0000"), data.make_clip(0, 0, split, size=64, seconds=1.0))
+        folders.append(str(folder))
+    return folders
+
+
+def run_args(clips, tmp_path, *extra):
+    return TINY_VAE + ["--data", clips[0], "--eval-data", clips[1], "--cache", str(tmp_path / "cache"),
+                       "--out", str(tmp_path / "run"), *extra]
+
+
+def test_flags_default_to_the_preset_and_override_fields():
+    from vae import VAEConfig
+    args = train.parse_args(["--stage", "vae"])
+    assert args.config == VAEConfig.preset("tiny")
+    args = train.parse_args(["--stage", "vae", "--preset", "paper", "--channel-mult", "1,2", "--adversarial", "false"])
+    assert args.config.channel_mult == (1, 2) and args.config.adversarial is False
+    assert args.config.resolution == VAEConfig.preset("paper").resolution
+
+
+def test_vae_run_writes_checkpoint_pictures_and_resumes(clips, tmp_path):
+    path = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "2")))
+    ckpt = load_checkpoint(path, "vae")
+    assert {"stage", "config", "model", "ema", "optimizer", "step", "extra", "history"} <= set(ckpt)
+    assert ckpt["step"] == 2 and ckpt["config"]["resolution"] == 32
+    assert ckpt["extra"]["scale_factor"] > 0
+    evals = [h for h in ckpt["history"] if h["kind"] == "eval"]
+    assert evals and np.isfinite(evals[-1]["psnr"])
+    for name in ("loss.png", "samples_000002.png"):
+        assert os.path.getsize(tmp_path / "run" / name) > 0
+    first = {k: v.clone() for k, v in ckpt["model"].items()}
+    train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "4", "--resume")))
+    resumed = load_checkpoint(path, "vae")
+    assert resumed["step"] == 4
+    assert any(not torch.equal(first[k], resumed["model"][k]) for k in first)
+
+
+def test_checkpoint_errors_are_usage_errors(tmp_path):
+    path = str(tmp_path / "c.pt")
+    save_checkpoint({"stage": "vae", "config": {}, "model": {}}, path)
+    assert oct(os.stat(path).st_mode)[-3:] == "644"
+    with pytest.raises(UsageError, match="'a2l' checkpoint is needed"):
+        load_checkpoint(path, "a2l")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(UsageError, match="corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(UsageError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--stage", "vae", "--data", str(tmp_path), "--steps", "1",
+                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: no clips") and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")

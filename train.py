@@ -1,0 +1,368 @@
+"""Train one DreamHead stage: `python train.py --stage vae|a2l|l2i [--preset tiny|paper] [--flags]`.
+
+The paper trains its cascade stage by stage (Sec. 3): the A2L diffusion model (audio -> dense landmarks) and the
+L2I latent diffusion model (landmarks -> image) whose frozen autoencoder comes first. Here every stage shares
+one plain training loop (nanoGPT style, no framework):
+
+    AdamW, linear warm-up + cosine decay (`dreamhead.lr_at`), gradient clipping, EMA of the weights,
+    optional bf16 autocast on CUDA, DDP under torchrun (NCCL on GPUs, gloo on CPU), rank-0 logging,
+    periodic held-out evaluation, a loss-curve PNG and sample pictures, resume, and a checkpoint on Ctrl-C.
+
+Flags: every field of the stage's config dataclass (`VAEConfig`, `A2LConfig`, `L2IConfig`) is a flag whose
+default comes from the chosen preset, plus the run flags below. With no data flag the stage trains on
+synthetic talking heads (data.py) generated into cache/ on first use. The checkpoint is one dict
+{stage, config, model, ema, optimizer, step, extra, history} from which sample.py rebuilds everything.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dreamhead import EMA, UsageError, atomic_write, load_checkpoint, lr_at, pick_device, run_cli, save_checkpoint
+
+STAGES = ("vae", "a2l", "l2i")
+RUN_FLAGS_HELP = "run flags (not part of the model config)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: dataclass fields -> flags
+# ----------------------------------------------------------------------------------------------------------
+
+def config_class(stage: str):
+    if stage == "vae":
+        from vae import VAEConfig
+        return VAEConfig
+    if stage == "a2l":
+        from a2l import A2LConfig
+        return A2LConfig
+    from l2i import L2IConfig
+    return L2IConfig
+
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return lambda s: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[s.lower()]
+    if isinstance(default, tuple):
+        kind = type(default[0]) if default else int
+        return lambda s: tuple(kind(v) for v in s.split(",") if v)
+    return type(default)
+
+
+def parse_args(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--stage", choices=STAGES, default=None)
+    pre.add_argument("--preset", default="tiny")
+    known, _ = pre.parse_known_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
+    run = p.add_argument_group(RUN_FLAGS_HELP)
+    run.add_argument("--data", default=None, help="folder of clips (clip_*.npz + .mp4, data.py format); "
+                     "default: synthetic talking heads generated into --cache on first use")
+    run.add_argument("--eval-data", default=None, help="held-out clips folder (default: synthetic test split)")
+    run.add_argument("--clips", type=int, default=64, help="synthetic training clips to generate")
+    run.add_argument("--eval-clips", type=int, default=20, help="synthetic held-out clips to generate")
+    run.add_argument("--cache", default="cache", help="where generated data and decoded frames are cached")
+    run.add_argument("--out", default=None, help="run folder (default: runs/<stage>)")
+    run.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    run.add_argument("--vae", default=None, help="VAE checkpoint for --stage l2i (default: checkpoints/vae_tiny.pt "
+                     "if present, else runs/vae/ckpt.pt)")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    run.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
+                     help="bf16 autocast (auto: on for CUDA, off on CPU)")
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--log-every", type=int, default=50)
+    run.add_argument("--eval-every", type=int, default=500)
+    run.add_argument("--save-every", type=int, default=500)
+    if known.stage is None:
+        p.error("--stage is required: vae, a2l or l2i")
+    cls = config_class(known.stage)
+    try:
+        base = cls.preset(known.preset)
+    except ValueError as err:
+        p.error(str(err))
+    model = p.add_argument_group(f"{cls.__name__} fields (defaults from preset {known.preset!r})")
+    for f in dataclasses.fields(cls):
+        default = getattr(base, f.name)
+        model.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, type=_flag_type(default),
+                           default=default, help=f"default {default}")
+    args = p.parse_args(argv)
+    overrides = {f.name: getattr(args, "cfg_" + f.name) for f in dataclasses.fields(cls)}
+    args.config = cls(**overrides)
+    args.out = args.out or os.path.join("runs", args.stage)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data shared by the stages
+# ----------------------------------------------------------------------------------------------------------
+
+def clip_paths(folder: str | None, split: str, clips: int, args) -> list[str]:
+    """npz paths of a clip folder, or of synthetic clips generated on first use."""
+    if folder is None:
+        from data import ensure_synthetic
+        return ensure_synthetic(split, clips, args.seed, root=os.path.join(args.cache, "synth"))
+    paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
+    if not paths:
+        raise UsageError(f"no clips (*.npz with .mp4 beside) in {folder}; make some with `python data.py synth`")
+    return paths
+
+
+def load_frames(paths: list[str], size: int, cache: str) -> tuple[np.ndarray, np.ndarray]:
+    """All frames of the clips at size x size, uint8 (N, size, size, 3), and their landmarks scaled to that
+    size (N, 478, 3); decoded once and cached as .npy (memory-mapped on later runs)."""
+    from data import load_clip, read_frames
+    key = hashlib.sha1(json.dumps([os.path.abspath(p) for p in paths] + [size]).encode()).hexdigest()[:12]
+    f_path, l_path = (os.path.join(cache, "frames", f"{key}_{n}.npy") for n in ("frames", "landmarks"))
+    if not (os.path.exists(f_path) and os.path.exists(l_path)):
+        frames, lmks = [], []
+        for p in paths:
+            clip = load_clip(p)
+            video = read_frames(p[:-4] + ".mp4", size)  # (T, size, size, 3)
+            T = min(len(video), len(clip["landmarks"]))
+            frames.append(video[:T])
+            lmks.append(clip["landmarks"][:T] * (size / clip["frame_size"]))  # pixel coords at `size`
+        atomic_write(f_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(frames)))
+        atomic_write(l_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(lmks).astype(np.float32)))
+    return np.load(f_path, mmap_mode="r"), np.load(l_path)
+
+
+def mouth_boxes(lmks: np.ndarray, size: int) -> np.ndarray:
+    """(N, 4) mouth boxes (x0, y0, x1, y1) of landmark frames at size x size."""
+    from landmarks import mouth_box
+    return np.array([mouth_box(P, (size, size)) for P in lmks])
+
+
+def box_mask(boxes: np.ndarray, size: int) -> torch.Tensor:
+    """(N, 1, size, size) float mask, 1 inside each box; built without a loop over pixels."""
+    ys, xs = torch.arange(size)[:, None], torch.arange(size)[None, :]
+    b = torch.as_tensor(boxes)[:, :, None, None]  # (N, 4, 1, 1)
+    inside = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])  # (N, size, size)
+    return inside[:, None].float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages: each gives the model, a batch, the loss, held-out evaluation and a picture
+# ----------------------------------------------------------------------------------------------------------
+
+class VAEStage:
+    """The frozen E / D of L2I (Fig. 2), trained first: L1 + KL (+ optional PatchGAN), see vae.py."""
+
+    def __init__(self, args, device):
+        from vae import FrameDataset
+        self.args, self.cfg, self.device = args, args.config, device
+        size = self.cfg.resolution
+        frames, _ = load_frames(clip_paths(args.data, "train", args.clips, args), size, args.cache)
+        self.train = FrameDataset(np.asarray(frames), hflip=self.cfg.hflip)
+        e_frames, e_lmks = load_frames(clip_paths(args.eval_data, "test", args.eval_clips, args), size, args.cache)
+        pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
+        self.eval_x = FrameDataset.to_tensor(np.asarray(e_frames[pick]))  # (E, 3, size, size)
+        self.eval_mask = box_mask(mouth_boxes(e_lmks[pick], size), size)  # (E, 1, size, size)
+        self.disc = None
+
+    def build(self):
+        from vae import AutoencoderKL, PatchDiscriminator
+        model = AutoencoderKL(self.cfg)
+        if self.cfg.adversarial:
+            self.disc = PatchDiscriminator(3, self.cfg.disc_channels, self.cfg.disc_layers).to(self.device)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.cfg.lr, betas=self.cfg.betas)
+        return model
+
+    def batch(self, gen):
+        return self.train.random_batch(self.cfg.batch_size, gen).to(self.device)
+
+    def loss(self, model, x, step):
+        from vae import vae_loss
+        if self.disc is None:
+            return vae_loss(model, x, None, step)
+        loss, logs, x_rec = vae_loss(model, x, self.disc, step, return_rec=True)
+        return loss, logs, lambda: self._disc_step(model, x, x_rec, step, logs)
+
+    def _disc_step(self, model, x, x_rec, step, logs):
+        from vae import discriminator_loss
+        self.disc_opt.zero_grad(set_to_none=True)  # the generator term wrote gradients here
+        d_loss, d_logs = discriminator_loss(model, self.disc, x, x_rec, step)
+        d_loss.backward()
+        self.disc_opt.step()
+        logs.update(d_logs)
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        from vae import psnr
+        rec = torch.cat([model.decode(model.encode(x.to(self.device)).mode()).cpu()
+                         for x in self.eval_x.split(32)])
+        return {"psnr": psnr(rec, self.eval_x), "psnr_mouth": psnr(rec, self.eval_x, mask=self.eval_mask)}
+
+    @torch.no_grad()
+    def picture(self, model, path):
+        from vae import to_uint8
+        x = self.eval_x[:8].to(self.device)
+        rec = model.decode(model.encode(x).mode())
+        rows = [np.concatenate(list(to_uint8(t)), axis=1) for t in (x, rec)]  # truth / reconstruction
+        save_png(path, np.concatenate(rows, axis=0))
+
+    def finish(self, model):
+        """LDM's scale_by_std: latents are multiplied by 1 / std before diffusion."""
+        with torch.no_grad():
+            sf = model.measure_scale_factor([self.train.random_batch(32).to(self.device) for _ in range(8)])
+        return {"scale_factor": float(sf)}
+
+
+def stage_runner(args, device):
+    if args.stage == "vae":
+        return VAEStage(args, device)
+    raise UsageError(f"--stage {args.stage} is not wired into train.py yet; see the README status table")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------------------
+
+def save_png(path: str, image: np.ndarray) -> None:
+    import cv2
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # RGB -> BGR for OpenCV
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(png.tobytes()))
+
+
+def plot_history(history: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [h for h in history if h.get("kind") == "train"]
+    evals = [h for h in history if h.get("kind") == "eval"]
+    keys = [k for k in (evals[0] if evals else {}) if k not in ("kind", "step")]
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3), squeeze=False)
+    axes[0, 0].plot([h["step"] for h in train], [h["loss"] for h in train])
+    axes[0, 0].set(title="train loss", xlabel="step", yscale="log")
+    for ax, k in zip(axes[0, 1:], keys):
+        ax.plot([h["step"] for h in evals], [h[k] for h in evals], marker="o")
+        ax.set(title=f"held-out {k}", xlabel="step")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name: str):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def train(args) -> str:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
+    cfg = args.config
+    torch.manual_seed(args.seed + rank)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    stage = stage_runner(args, device)
+    model = stage.build().to(device)
+    ema = EMA(model, getattr(cfg, "ema_decay", 0.999))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=getattr(cfg, "betas", (0.9, 0.999)),
+                            weight_decay=getattr(cfg, "weight_decay", 0.0))
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    step, history, extra = 0, [], {}
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, args.stage)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, history, extra = ckpt["step"], ckpt.get("history", []), ckpt.get("extra", {})
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    warmup = getattr(cfg, "warmup", min(500, cfg.steps // 20))
+    os.makedirs(args.out, exist_ok=True)
+
+    def checkpoint():
+        if rank != 0:
+            return
+        extra.update(stage.finish(model) if hasattr(stage, "finish") else {})
+        save_checkpoint({"stage": args.stage, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                         "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step, "extra": extra,
+                         "history": history, "version": 1}, ckpt_path)
+        plot_history(history, os.path.join(args.out, "loss.png"))
+
+    def evaluate():
+        if rank != 0:
+            return
+        backup = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(ema.state_dict())  # evaluate and draw the EMA weights, as sampling does
+        model.eval()
+        metrics = stage.evaluate(model)
+        stage.picture(model, os.path.join(args.out, f"samples_{step:06d}.png"))
+        model.load_state_dict(backup)
+        model.train()
+        history.append({"kind": "eval", "step": step, **metrics})
+        print(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc=f"train {args.stage}", unit="step")
+    t0, logs_acc = time.time(), []
+    try:
+        while step < cfg.steps:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.lr, warmup, cfg.steps)
+            batch = stage.batch(gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = stage.loss(ddp_model, batch, step)
+            loss, logs = out[0], out[1]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), getattr(cfg, "grad_clip", 1.0))
+            opt.step()
+            if len(out) > 2:  # a second optimiser of the stage (the VAE's discriminator)
+                out[2]()
+            ema.update(model)
+            step += 1
+            bar.update()
+            logs_acc.append(logs["loss"] if "loss" in logs else float(loss))
+            if step % args.log_every == 0 or step == cfg.steps:
+                history.append({"kind": "train", "step": step, "loss": float(np.mean(logs_acc)),
+                                "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                                "sec_per_step": (time.time() - t0) / len(logs_acc)})
+                bar.set_postfix(loss=f"{np.mean(logs_acc):.4g}")
+                t0, logs_acc = time.time(), []
+            if step % args.eval_every == 0 or step == cfg.steps:
+                evaluate()
+            if step % args.save_every == 0 or step == cfg.steps:
+                checkpoint()
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint()
+        print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume)")
+        sys.exit(130)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return ckpt_path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    path = train(args)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
