@@ -256,6 +256,17 @@ def plot_history(history: list[dict], path: str) -> None:
 # The loop
 # ----------------------------------------------------------------------------------------------------------
 
+class StageLoss(torch.nn.Module):
+    """The stage's loss as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch, step: int):
+        return self.loss_fn(self.model, batch, step)
+
+
 def setup_distributed(device_name: str):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. Returns (rank, world, device)."""
     if "RANK" not in os.environ:
@@ -289,7 +300,9 @@ def train(args) -> str:
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history, extra = ckpt["step"], ckpt.get("history", []), ckpt.get("extra", {})
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    loss_module = StageLoss(model, stage.loss)
+    if world > 1:  # gradients are all-reduced only through DDP's forward, so the loss runs inside it
+        loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     warmup = getattr(cfg, "warmup", min(500, cfg.steps // 20))
     os.makedirs(args.out, exist_ok=True)
@@ -325,7 +338,7 @@ def train(args) -> str:
                 g["lr"] = lr_at(step, cfg.lr, warmup, cfg.steps)
             batch = stage.batch(gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = stage.loss(ddp_model, batch, step)
+                out = loss_module(batch, step)
             loss, logs = out[0], out[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -355,13 +368,14 @@ def train(args) -> str:
     bar.close()
     if world > 1:
         dist.destroy_process_group()
-    return ckpt_path
+    return ckpt_path if rank == 0 else None
 
 
 def main(argv=None):
     args = parse_args(argv)
     path = train(args)
-    print(f"saved {path}")
+    if path:
+        print(f"saved {path}")
 
 
 if __name__ == "__main__":

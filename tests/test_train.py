@@ -80,3 +80,13 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no clips") and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def test_ddp_on_cpu_with_gloo_under_torchrun(clips, tmp_path):
+    """Two processes, gloo backend: the same code path NCCL takes on GPUs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+           *run_args(clips, tmp_path, "--steps", "3")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("saved ") == 1  # rank 0 alone writes the checkpoint
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "vae")["step"] == 3
