@@ -387,8 +387,32 @@ def load_checkpoint(path: str, stage: str | None = None) -> dict:
     return ckpt
 
 
+def load_model(path: str, stage: str, device="cpu", weights: str = "ema") -> torch.nn.Module:
+    """Rebuild a stage's model from its one-dict checkpoint (config + weights), in eval mode on `device`.
+
+    weights: "ema" (the default for sampling, as every diffusion reference does) or "model" (raw weights).
+    """
+    ckpt = load_checkpoint(path, stage)
+    if stage == "vae":
+        from vae import AutoencoderKL as Model, VAEConfig as Config
+    elif stage == "a2l":
+        from a2l import A2L as Model, A2LConfig as Config
+    else:
+        from l2i import L2I as Model, L2IConfig as Config
+    try:
+        model = Model(Config(**ckpt["config"]))
+        model.load_state_dict(ckpt[weights])
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise UsageError(f"{path} does not match this code's {stage} model ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120]}); retrain it or update the code") from None
+    return model.to(device).eval()
+
+
 class EMA:
-    """Exponential moving average of a model's parameters (shadow = d * shadow + (1 - d) * param)."""
+    """Exponential moving average of a model's parameters (shadow = d * shadow + (1 - d) * param).
+
+    Buffers (statistics such as a measured scale factor or a residual std) are copied, not averaged.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -396,10 +420,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
-            else:
+        for k, v in model.named_parameters():
+            self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+        self.copy_buffers(model)
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        for k, v in model.named_buffers():
+            if k in self.shadow:  # persistent buffers only
                 self.shadow[k].copy_(v)
 
     def state_dict(self) -> dict:

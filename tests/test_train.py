@@ -9,7 +9,7 @@ import torch
 
 import data
 import train
-from dreamhead import UsageError, load_checkpoint, save_checkpoint
+from dreamhead import UsageError, load_checkpoint, load_model, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VAE = ["--stage", "vae", "--resolution", "32", "--base-channels", "8", "--norm-groups", "4",
@@ -53,6 +53,10 @@ def test_vae_run_writes_checkpoint_pictures_and_resumes(clips, tmp_path):
     assert evals and np.isfinite(evals[-1]["psnr"])
     for name in ("loss.png", "samples_000002.png"):
         assert os.path.getsize(tmp_path / "run" / name) > 0
+    rebuilt = load_model(path, "vae")  # EMA weights by default; buffers set at save time are carried over
+    assert float(rebuilt.scale_factor) == pytest.approx(ckpt["extra"]["scale_factor"])
+    with pytest.raises(UsageError, match="'a2l' checkpoint is needed"):
+        load_model(path, "a2l")
     first = {k: v.clone() for k, v in ckpt["model"].items()}
     train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "4", "--resume")))
     resumed = load_checkpoint(path, "vae")
