@@ -107,11 +107,11 @@ def parse_args(argv=None):
 # Data shared by the stages
 # ----------------------------------------------------------------------------------------------------------
 
-def clip_paths(folder: str | None, split: str, clips: int, args) -> list[str]:
+def clip_paths(folder: str | None, split: str, clips: int, seed: int = 0, cache: str = "cache") -> list[str]:
     """npz paths of a clip folder, or of synthetic clips generated on first use."""
     if folder is None:
         from data import ensure_synthetic
-        return ensure_synthetic(split, clips, args.seed, root=os.path.join(args.cache, "synth"))
+        return ensure_synthetic(split, clips, seed, root=os.path.join(cache, "synth"))
     paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
     if not paths:
         raise UsageError(f"no clips (*.npz with .mp4 beside) in {folder}; make some with `python data.py synth`")
@@ -162,9 +162,9 @@ class VAEStage:
         from vae import FrameDataset
         self.args, self.cfg, self.device = args, args.config, device
         size = self.cfg.resolution
-        frames, _ = load_frames(clip_paths(args.data, "train", args.clips, args), size, args.cache)
+        frames, _ = load_frames(clip_paths(args.data, "train", args.clips, args.seed, args.cache), size, args.cache)
         self.train = FrameDataset(np.asarray(frames), hflip=self.cfg.hflip)
-        e_frames, e_lmks = load_frames(clip_paths(args.eval_data, "test", args.eval_clips, args), size, args.cache)
+        e_frames, e_lmks = load_frames(clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache), size, args.cache)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
         self.eval_x = FrameDataset.to_tensor(np.asarray(e_frames[pick]))  # (E, 3, size, size)
         self.eval_mask = box_mask(mouth_boxes(e_lmks[pick], size), size)  # (E, 1, size, size)
@@ -218,9 +218,48 @@ class VAEStage:
         return {"scale_factor": float(sf)}
 
 
+class A2LStage:
+    """Audio-to-landmark diffusion (Sec. 3.1): windows of canonical landmarks from audio and P̄, see a2l.py."""
+
+    def __init__(self, args, device):
+        from a2l import A2LWindows, compute_residual_std
+        self.args, self.cfg, self.device = args, args.config, device
+        kw = dict(context_frames=self.cfg.context_frames, n_mels=self.cfg.n_mels)
+        self.train = A2LWindows(clip_paths(args.data, "train", args.clips, args.seed, args.cache),
+                                self.cfg.window, train=True, **kw)
+        eval_paths = clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
+        self.eval = A2LWindows(eval_paths[:4], self.cfg.window, train=False, **kw)  # 4 clips: a quick check
+        self.residual_std = compute_residual_std(self.train)
+
+    def build(self):
+        from a2l import A2L
+        model = A2L(self.cfg)
+        model.set_residual_std(self.residual_std)
+        return model
+
+    def batch(self, gen):
+        idx = torch.randint(len(self.train), (self.cfg.batch_size,), generator=gen).tolist()
+        batch = torch.utils.data.default_collate([self.train[i] for i in idx])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def loss(self, model, batch, step):
+        return model.loss(batch)
+
+    def evaluate(self, model):
+        from evaluate import a2l_predictions, landmark_metrics
+        self.results = a2l_predictions(model, self.eval, seed=0)
+        return landmark_metrics([r["pred"] for r in self.results], [r["truth"] for r in self.results])
+
+    def picture(self, model, path):
+        from evaluate import plot_opening
+        plot_opening(self.results[0], path, "held-out clip: mouth opening (IOD)")
+
+
 def stage_runner(args, device):
     if args.stage == "vae":
         return VAEStage(args, device)
+    if args.stage == "a2l":
+        return A2LStage(args, device)
     raise UsageError(f"--stage {args.stage} is not wired into train.py yet; see the README status table")
 
 
@@ -311,6 +350,7 @@ def train(args) -> str:
         if rank != 0:
             return
         extra.update(stage.finish(model) if hasattr(stage, "finish") else {})
+        ema.copy_buffers(model)  # buffers that finish() set (e.g. the VAE's scale factor) go into the EMA too
         save_checkpoint({"stage": args.stage, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step, "extra": extra,
                          "history": history, "version": 1}, ckpt_path)
