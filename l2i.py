@@ -1,0 +1,604 @@
+"""Landmark-to-image (L2I) latent diffusion: the second hierarchy of DreamHead (paper Sec. 2 "L2I", Fig. 2).
+
+Frame i is rendered from its dense (canonical) landmarks with a latent diffusion model whose denoiser eps_theta
+sees the noisy latent z_t together with four condition images, all encoded by the frozen VAE encoder E
+(paper Fig. 2, the "spatial-temporal correspondence condition"):
+
+    I_mask   frame i with the mouth box blacked out          -> E(I_mask)
+    I_ref    the reference frame i - tau                      -> E(I_ref)
+    I^P_ref  the canonical landmark image of frame i - tau    -> E(I^P_ref)
+    I^P_i    the canonical landmark image of frame i          -> E(I^P_i)
+
+The objective is the standard noise prediction ||eps - eps_theta(z_t, t, c)||^2 [confirmed by the eps_theta label
+in Fig. 2]. How the four latents enter eps_theta is not known; the summaries say "self-attention based conditioning".
+Our reading, switchable with `L2IConfig.conditioning` [guess, blueprint 6.2]:
+
+- "joint_attn" (default): every latent is a *slot* of one UNet. slot0 = concat_c(z_t, E(I_mask)); slots 1..3 =
+  E(I_ref), E(I^P_ref), E(I^P_i), zero-padded to the same channel count, plus a learned slot embedding.
+  Convolutions run per slot (slots folded into the batch); every self-attention layer sees the tokens of all
+  slots of a sample at once, so the (not pixel-aligned) canonical landmarks and the photos meet through attention.
+  Only slot0's output is the eps prediction.
+- "channel" (ablation, DiffTalk-like): one input concat_c(z_t, E(I_mask), E(I_ref), E(I^P_ref), E(I^P_i)).
+
+`use_reference=False` drops the reference pair (ablation "without the reference pair"). Classifier-free guidance
+on the landmark conditions [guess]: in training I^P_i and I^P_ref are replaced by a learned null latent with
+probability `cfg_dropout`; sampling mixes the two predictions with dreamhead.cfg_combine.
+
+Also here: `L2IFrames` (training pairs from clips, blueprint 6.4 "L2I training step"), `L2ILatents` (the same
+items with every condition pre-encoded once by E, so training needs no VAE pass), `condition_images` and
+`encode_conditions` (the same recipe at inference, with one shared reference pair broadcast over the frames) and
+`paste_back` (decoded frame blended into the source inside a feathered mouth mask, so everything outside the
+mouth keeps the source pixels).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import dreamhead
+import landmarks
+
+COND_KEYS = ("mask", "ref", "ref_lmk", "lmk")  # condition latents, in slot order
+REFERENCE_KEYS = ("ref", "ref_lmk")  # the reference pair (dropped by use_reference=False)
+LANDMARK_KEYS = ("ref_lmk", "lmk")  # dropped together for classifier-free guidance
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class L2IConfig:
+    """Hyper-parameters of the L2I stage. Everything not in Fig. 2 is our guess (paper-notes 6.3)."""
+
+    # geometry: image_size px frames, VAE latents latent_channels x latent_size x latent_size
+    image_size: int = 64
+    latent_channels: int = 4
+    latent_size: int = 16
+    # conditioning (paper Fig. 2; the way it enters the UNet is our guess)
+    conditioning: str = "joint_attn"  # "joint_attn" | "channel"
+    use_reference: bool = True  # False: no I_ref / I^P_ref (ablation)
+    tau_min: int = 1  # reference offset |tau| range in frames (training); a far reference shows another mouth
+    tau_max: int = 25  # shape, so the mouth must come from the landmarks instead of being copied [guess]
+    tau_both_sides: bool = True  # reference may lie before or after frame i
+    mask_expand: float = 0.15  # relative growth of the mouth box
+    cfg_dropout: float = 0.1  # probability of dropping both landmark conditions in training
+    guidance: float = 1.0  # classifier-free guidance scale at sampling (1 = off)
+    # denoiser
+    channels: tuple = (32, 64)  # one entry per resolution level
+    num_res_blocks: int = 1
+    attn_resolutions: tuple = (8,)  # latent side lengths with self-attention (the middle block always has it)
+    heads: int = 4
+    norm_groups: int = 8
+    attn_pos_emb: bool = True  # learned 2-D position embedding added before each attention [guess]
+    dropout: float = 0.0
+    # diffusion (eps prediction)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    sample_steps: int = 25  # DDIM steps
+    eta: float = 0.0
+    # optimisation
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    steps: int = 12000
+    batch_size: int = 8
+    ema_decay: float = 0.999
+    mouth_loss_weight: float = 2.0  # loss weight inside the (downsampled) mouth box; 1 = plain eps-MSE
+
+    @classmethod
+    def preset(cls, name: str) -> "L2IConfig":
+        """Named presets: "tiny" (64 px, CPU, under an hour) and "paper" (256 px, GPU)."""
+        presets = {
+            "tiny": cls(),
+            "paper": cls(
+                image_size=256, latent_size=32, channels=(128, 256, 512, 512), num_res_blocks=2,
+                attn_resolutions=(32, 16, 8), heads=8, norm_groups=32, tau_min=1, tau_max=60, sample_steps=50,
+                lr=1e-4, warmup_steps=1000, steps=300_000, batch_size=64, ema_decay=0.9999, mouth_loss_weight=1.0,
+            ),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown L2I preset {name!r}; valid presets: {sorted(presets)}")
+        return presets[name]
+
+    def __post_init__(self):
+        if self.conditioning not in ("joint_attn", "channel"):
+            raise ValueError(f"conditioning must be 'joint_attn' or 'channel', got {self.conditioning!r}")
+        self.channels = tuple(self.channels)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        if self.latent_size % 2 ** (len(self.channels) - 1):
+            raise ValueError(f"latent_size {self.latent_size} is not divisible by 2^{len(self.channels) - 1}")
+        for ch in self.channels:
+            if ch % self.norm_groups or ch % self.heads:
+                raise ValueError(f"channel count {ch} must be divisible by norm_groups and heads")
+        if not 0 <= self.tau_min <= self.tau_max:
+            raise ValueError(f"need 0 <= tau_min <= tau_max, got {self.tau_min}, {self.tau_max}")
+
+    @property
+    def cond_keys(self) -> tuple:
+        """The condition latents this configuration uses, in slot order."""
+        return tuple(k for k in COND_KEYS if self.use_reference or k not in REFERENCE_KEYS)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Denoiser
+
+
+def _slot0(x: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Keep slot 0 of a slot-folded tensor: (B*S, ...) -> (B, ...)."""
+    return x.view(x.shape[0] // n_slots, n_slots, *x.shape[1:])[:, 0]  # (B, ...)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; the (timestep + slot) embedding scales and shifts the second norm."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (N, out, h, w)
+        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (N, out, 1, 1) each
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SlotAttention(nn.Module):
+    """Self-attention over all slots of a sample: (B*S, C, h, w) -> tokens (B, S*h*w, C) -> back.
+
+    With S = 1 this is ordinary spatial self-attention (channel mode)."""
+
+    def __init__(self, ch: int, heads: int, groups: int, res: int, pos_emb: bool):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.attn = dreamhead.SelfAttention(ch, heads)
+        self.pos = nn.Parameter(torch.zeros(1, ch, res, res)) if pos_emb else None
+        self.prune_after = False  # set by LatentUNet on the last attention layer: later layers need slot 0 only
+
+    def forward(self, x: torch.Tensor, n_slots: int) -> torch.Tensor:
+        BS, C, h, w = x.shape
+        B = BS // n_slots
+        hn = self.norm(x)
+        if self.pos is not None:
+            hn = hn + self.pos
+        tokens = hn.view(B, n_slots, C, h * w).permute(0, 1, 3, 2).reshape(B, n_slots * h * w, C)  # (B, S*h*w, C)
+        out = self.attn(tokens)  # (B, S*h*w, C)
+        out = out.view(B, n_slots, h * w, C).permute(0, 1, 3, 2).reshape(BS, C, h, w)  # (B*S, C, h, w)
+        return x + out
+
+
+class LatentUNet(nn.Module):
+    """eps_theta of Fig. 2: a latent UNet with ResBlocks, skips and self-attention at low resolutions.
+
+    forward(z_t (B, 4, h, w), t (B,) or int, cond {key: (B or 1, 4, h, w)}) -> eps_hat (B, 4, h, w).
+    Condition latents with batch 1 are broadcast over the B frames with `expand` (no copy)."""
+
+    def __init__(self, cfg: L2IConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.latent_channels
+        self.cond_keys = cfg.cond_keys
+        self.joint = cfg.conditioning == "joint_attn"
+        self.n_slots = len(self.cond_keys) if self.joint else 1  # mask shares slot 0 with z_t
+        in_ch = 2 * C if self.joint else C * (1 + len(self.cond_keys))
+        ch0, groups = cfg.channels[0], cfg.norm_groups
+        emb_dim = 4 * ch0
+        self.time_embed = dreamhead.TimestepEmbedder(emb_dim)
+        self.slot_emb = nn.Parameter(torch.randn(self.n_slots, emb_dim) * 0.02)  # added to the t-embedding
+        self.slot_in = nn.Parameter(torch.randn(self.n_slots, ch0, 1, 1) * 0.02)  # added to the input features
+        self.conv_in = nn.Conv2d(in_ch, ch0, 3, padding=1)
+
+        def res_block(i, o):
+            return ResBlock(i, o, emb_dim, groups, cfg.dropout)
+
+        def attn(ch, res):
+            return SlotAttention(ch, cfg.heads, groups, res, cfg.attn_pos_emb)
+
+        res, ch = cfg.latent_size, ch0
+        self.down_levels, self.downsamples, skip_chs = nn.ModuleList(), nn.ModuleList(), []
+        for level, out_ch in enumerate(cfg.channels):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(res_block(ch, out_ch))
+                ch = out_ch
+                if res in cfg.attn_resolutions:
+                    blocks.append(attn(ch, res))
+            self.down_levels.append(blocks)
+            skip_chs.append(ch)
+            if level < len(cfg.channels) - 1:
+                self.downsamples.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                res //= 2
+        self.mid = nn.ModuleList([res_block(ch, ch), attn(ch, res), res_block(ch, ch)])
+        self.up_levels, self.upsamples = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(len(cfg.channels))):
+            out_ch = cfg.channels[level]
+            blocks = nn.ModuleList()
+            for j in range(cfg.num_res_blocks):
+                blocks.append(res_block(ch + skip_chs[level] if j == 0 else ch, out_ch))
+                ch = out_ch
+                if res in cfg.attn_resolutions:
+                    blocks.append(attn(ch, res))
+            self.up_levels.append(blocks)
+            if level > 0:
+                self.upsamples.append(nn.Conv2d(ch, ch, 3, padding=1))
+                res *= 2
+        self.norm_out = nn.GroupNorm(groups, ch)
+        self.conv_out = nn.Conv2d(ch, C, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        # after the last attention layer nothing moves information between slots any more
+        later = [*self.mid, *(block for blocks in self.up_levels for block in blocks)]
+        [m for m in later if isinstance(m, SlotAttention)][-1].prune_after = True
+
+    def expand_cond(self, cond: dict, batch: int) -> dict:
+        """Check the condition latents and broadcast batch-1 entries to `batch` (a view, not a copy)."""
+        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        out = {}
+        for k in self.cond_keys:
+            if k not in cond:
+                raise ValueError(f"condition {k!r} missing; expected keys {self.cond_keys}")
+            v = cond[k]
+            if v.dim() != 4 or v.shape[1:] != (C, s, s) or v.shape[0] not in (1, batch):
+                raise ValueError(f"condition {k!r} must be (1 or {batch}, {C}, {s}, {s}), got {tuple(v.shape)}")
+            out[k] = v.expand(batch, C, s, s)
+        return out
+
+    def _inputs(self, z_t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Stack z_t and the condition latents into the UNet input: (B*S, 2C, h, w) or (B, C*(1+K), h, w)."""
+        B = z_t.shape[0]
+        c = self.expand_cond(cond, B)
+        if not self.joint:
+            return torch.cat([z_t, *(c[k] for k in self.cond_keys)], dim=1)  # (B, C*(1+K), h, w)
+        zeros = torch.zeros_like(z_t)
+        slots = [torch.cat([z_t, c["mask"]], 1)] + [torch.cat([c[k], zeros], 1) for k in self.cond_keys[1:]]
+        x = torch.stack(slots, dim=1)  # (B, S, 2C, h, w)
+        return x.flatten(0, 1)  # (B*S, 2C, h, w)
+
+    def forward(self, z_t: torch.Tensor, t, cond: dict) -> torch.Tensor:
+        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        if z_t.dim() != 4 or z_t.shape[1:] != (C, s, s):
+            raise ValueError(f"z_t must be (B, {C}, {s}, {s}), got {tuple(z_t.shape)}")
+        B, S = z_t.shape[0], self.n_slots
+        t = torch.as_tensor(t, device=z_t.device).long().expand(B)  # (B,)
+        x = self._inputs(z_t, cond)
+        emb = (self.time_embed(t)[:, None] + self.slot_emb[None]).flatten(0, 1)  # (B*S, D)
+        h = self.conv_in(x)  # (B*S, ch0, h, w)
+        h = (h.view(B, S, *h.shape[1:]) + self.slot_in[None]).flatten(0, 1)  # (B*S, ch0, h, w)
+        skips = []
+        for level, blocks in enumerate(self.down_levels):
+            h, _, _ = self._run(blocks, h, emb, S)
+            skips.append(h)
+            if level < len(self.downsamples):
+                h = self.downsamples[level](h)
+        h, emb, n_slots = self._run(self.mid, h, emb, S)  # n_slots drops to 1 after the last attention layer
+        for i, blocks in enumerate(self.up_levels):
+            skip = skips.pop()
+            if n_slots != S:
+                skip = _slot0(skip, S)
+            h = torch.cat([h, skip], dim=1)
+            h, emb, n_slots = self._run(blocks, h, emb, n_slots)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        eps = self.conv_out(F.silu(self.norm_out(h)))
+        return eps if n_slots == 1 else _slot0(eps, n_slots)  # (B, C, h, w)
+
+    @staticmethod
+    def _run(blocks, h, emb, n_slots):
+        """Apply ResBlocks / SlotAttentions in order; after the layer marked prune_after keep slot 0 only."""
+        for block in blocks:
+            if isinstance(block, ResBlock):
+                h = block(h, emb)
+                continue
+            h = block(h, n_slots)
+            if block.prune_after and n_slots > 1:
+                h, emb, n_slots = _slot0(h, n_slots), _slot0(emb, n_slots), 1
+        return h, emb, n_slots
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diffusion wrapper
+
+
+class L2I(nn.Module):
+    """The L2I latent diffusion model: LatentUNet + NoiseScheduler (eps prediction) + learned null landmark latent.
+
+    Condition dicts hold VAE latents: mask=E(I_mask), ref=E(I_ref), ref_lmk=E(I^P_ref), lmk=E(I^P_i), each
+    (B or 1, 4, h, w); optional "mouth" (B, 1, H, W) = mouth-box mask at any resolution (loss weighting only)."""
+
+    def __init__(self, cfg: L2IConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = LatentUNet(cfg)
+        self.scheduler = dreamhead.NoiseScheduler(
+            num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+            beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon",
+        )
+        C, s = cfg.latent_channels, cfg.latent_size
+        self.null_lmk = nn.Parameter(torch.zeros(1, C, s, s))  # E(I^P) replacement for classifier-free guidance
+
+    def drop_landmarks(self, cond: dict, drop: torch.Tensor) -> dict:
+        """Replace both landmark latents by the learned null latent where drop (B,) bool is True."""
+        out = dict(cond)
+        keep = ~drop.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        for k in LANDMARK_KEYS:
+            if k in cond:
+                out[k] = torch.where(keep, cond[k], self.null_lmk)  # (B, C, h, w)
+        return out
+
+    def null_condition(self, cond: dict) -> dict:
+        """The unconditional input of classifier-free guidance: landmark latents -> null (batch 1, broadcast)."""
+        return {**cond, **{k: self.null_lmk for k in LANDMARK_KEYS if k in cond}}
+
+    def loss(self, z0: torch.Tensor, cond: dict):
+        """eps-MSE of Fig. 2 (optionally weighted inside the mouth box). Returns (loss, logs)."""
+        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        if z0.dim() != 4 or z0.shape[1:] != (C, s, s):
+            raise ValueError(f"z0 must be (B, {C}, {s}, {s}), got {tuple(z0.shape)}")
+        B = z0.shape[0]
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (B,), device=z0.device)
+        z_t = self.scheduler.add_noise(z0, noise, t)
+        drop = torch.zeros(B, dtype=torch.bool, device=z0.device)
+        if self.training and self.cfg.cfg_dropout > 0:
+            drop = dreamhead.drop_condition_mask(B, self.cfg.cfg_dropout, z0.device)
+            cond = self.drop_landmarks(cond, drop)
+        eps_hat = self.unet(z_t, t, cond)
+        err = (eps_hat - self.scheduler.training_target(z0, noise, t)) ** 2  # (B, C, h, w)
+        weight = self._loss_weight(cond.get("mouth"), z0)
+        loss = (err * weight).mean() / weight.mean()
+        logs = {"loss": loss.item(), "mse": err.mean().item(), "cfg_drop_frac": drop.float().mean().item()}
+        return loss, logs
+
+    def _loss_weight(self, mouth, z0):
+        """1 outside, mouth_loss_weight inside the mouth box downsampled to the latent grid: (B, 1, h, w)."""
+        if mouth is None or self.cfg.mouth_loss_weight == 1.0:
+            return torch.ones_like(z0[:, :1])
+        m = F.adaptive_avg_pool2d(mouth.to(z0.dtype), z0.shape[-2:])  # (B, 1, h, w)
+        return 1.0 + (self.cfg.mouth_loss_weight - 1.0) * m
+
+    @torch.no_grad()
+    def sample(self, cond: dict, steps: int | None = None, eta: float | None = None, guidance: float | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """DDIM sampling of z0 for a batch of frames (paper Fig. 2, "(T-1) diffusion steps").
+
+        The batch is the largest condition batch; batch-1 entries (the shared reference) are broadcast.
+        guidance != 1 adds an unconditional pass (landmarks -> null) per step: eps = cfg_combine(c, u, guidance)."""
+        steps = steps or self.cfg.sample_steps
+        eta = self.cfg.eta if eta is None else eta
+        guidance = self.cfg.guidance if guidance is None else guidance
+        B = max(cond[k].shape[0] for k in self.cfg.cond_keys)
+        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        device = self.null_lmk.device
+        noise_device = generator.device if generator is not None else device
+        z = torch.randn((B, C, s, s), generator=generator, device=noise_device).to(device)  # z_T
+        uncond = self.null_condition(cond) if guidance != 1.0 else None
+        self.scheduler.set_timesteps(steps)
+        for t in tqdm(self.scheduler.timesteps.tolist(), desc="L2I DDIM", disable=not progress, leave=False):
+            t_batch = torch.full((B,), t, dtype=torch.long, device=device)
+            eps = self.unet(z, t_batch, cond)
+            if uncond is not None:
+                eps = dreamhead.cfg_combine(eps, self.unet(z, t_batch, uncond), guidance)
+            z, _ = self.scheduler.step(eps, t, z, eta=eta, generator=generator)
+        return z
+
+
+def encode_conditions(vae, images: dict, batch_size: int = 64) -> dict:
+    """Encode the condition images (COND_KEYS; [-1, 1], (B or 1, 3, H, W)) with the frozen encoder E, in chunks
+    of batch_size, on the VAE's device: {key: latent (B or 1, C, h, w)}. Other keys (e.g. mouth) are skipped."""
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        return {k: torch.cat([vae.encode_latents(x.to(device)) for x in v.split(batch_size)])
+                for k, v in images.items() if k in COND_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Condition images and data
+
+
+def to_tensor_image(img: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float tensor in [-1, 1], (..., 3, H, W)."""
+    x = torch.from_numpy(np.array(img, dtype=np.float32)) / 127.5 - 1.0  # np.array copies: writable
+    return x.movedim(-1, -3)  # (..., 3, H, W)
+
+
+def to_uint8_image(x: torch.Tensor) -> np.ndarray:
+    """float tensor in [-1, 1], (..., 3, H, W) -> uint8 (..., H, W, 3)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
+
+
+def landmark_image(P_canon: np.ndarray, size: int) -> np.ndarray:
+    """Canonical landmarks (478, 3) -> the rendered mesh on a white canvas, uint8 (size, size, 3)
+    (for a sequence (T, 478, 3) use landmarks.draw_landmark_images on canonical_to_canvas)."""
+    return landmarks.draw_landmark_image(landmarks.canonical_to_canvas(P_canon, size), size)
+
+
+def condition_images(frames: np.ndarray, P_px: np.ndarray, P_canon: np.ndarray, ref_frame: np.ndarray,
+                     ref_P_canon: np.ndarray, mask_expand: float) -> dict:
+    """The condition images of Fig. 2 for a batch of target frames sharing one reference (inference).
+
+    frames: uint8 (T, S, S, 3) source frames; P_px: (T, 478, 3) their landmarks in pixels of these frames (for the
+    mouth boxes); P_canon: (T, 478, 3) canonical landmarks that drive the mouth (A2L output or ground truth);
+    ref_frame: uint8 (S, S, 3) and ref_P_canon (478, 3): the reference pair. Returns float tensors in [-1, 1]:
+    mask, lmk (T, 3, S, S); ref, ref_lmk (1, 3, S, S) (broadcast by the model); mouth (T, 1, S, S) box masks.
+    Built exactly as L2IFrames builds training items."""
+    T, size = len(frames), frames.shape[1]
+    if frames.shape[1:] != (size, size, 3) or len(P_px) != T or len(P_canon) != T:
+        raise ValueError(f"need square frames (T, S, S, 3) and (T, 478, 3) landmarks, got {frames.shape}, "
+                         f"{np.shape(P_px)}, {np.shape(P_canon)}")
+    boxes = [landmarks.mouth_box(p, (size, size), mask_expand) for p in P_px]
+    masked = np.stack([landmarks.apply_mouth_mask(f, b) for f, b in zip(frames, boxes)])  # (T, S, S, 3)
+    lmk = landmarks.draw_landmark_images(landmarks.canonical_to_canvas(P_canon, size), size)  # (T, S, S, 3)
+    ref_lmk = landmark_image(ref_P_canon, size)[None]  # (1, S, S, 3)
+    return {"mask": to_tensor_image(masked), "lmk": to_tensor_image(lmk),
+            "ref": to_tensor_image(ref_frame[None]), "ref_lmk": to_tensor_image(ref_lmk),
+            "mouth": torch.from_numpy(np.stack([_box_mask(b, size) for b in boxes]))}
+
+
+def _box_mask(box, size: int) -> np.ndarray:
+    """(x0, y0, x1, y1) -> float32 (1, size, size) with 1 inside the box."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    m = np.zeros((1, size, size), np.float32)
+    m[:, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 1.0
+    return m
+
+
+class L2IFrames(torch.utils.data.Dataset):
+    """Training/eval pairs for L2I (blueprint 6.4): frame i, a reference frame i +- tau and the condition images.
+
+    clips: sequence of
+        - paths of synthetic-clip npz files (data.py: the mp4 beside it is decoded at `size`), or
+        - dicts with "landmarks" float (T, 478, 3) in pixel coordinates of the original frames (z scaled like x)
+          and either "frames" uint8 (T, H, W, 3) of any size (resized to `size`) or "video" = an mp4 path plus
+          "frame_size" = the original H = W (int) or (H, W).
+    Items are dicts of float tensors in [-1, 1]: target, mask, ref, ref_lmk, lmk (3, size, size), plus
+    mouth (1, size, size) in {0, 1} and the integer indices clip, frame, ref_frame.
+    train=True draws tau uniformly in [tau_min, tau_max] (either side of i when tau_both_sides); train=False uses
+    tau_max before i (after i near the clip start), so items are deterministic.
+    All landmark images are drawn once here, so __getitem__ only slices arrays."""
+
+    def __init__(self, clips, size: int, tau_min: int, tau_max: int, train: bool = True,
+                 mask_expand: float = 0.15, tau_both_sides: bool = True):
+        if not 0 <= tau_min <= tau_max:
+            raise ValueError(f"need 0 <= tau_min <= tau_max, got {tau_min}, {tau_max}")
+        self.size, self.tau_min, self.tau_max, self.train = size, tau_min, tau_max, train
+        self.mask_expand, self.tau_both_sides = mask_expand, tau_both_sides
+        self.clips = [self._prepare(c) for c in tqdm(clips, desc="L2I frames", leave=False, disable=len(clips) < 4)]
+        self.index = [(c, i) for c, clip in enumerate(self.clips) for i in range(len(clip["frames"]))]
+
+    def _load(self, clip) -> tuple:
+        """-> (frames uint8 (T, size, size, 3), landmarks (T, 478, 3) in original pixels, original (H, W))."""
+        if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__"):
+            path = str(clip)
+            clip = dict(data.load_clip(path), video=path[: -len(".npz")] + ".mp4")
+        if "frames" in clip:
+            frames = np.asarray(clip["frames"])
+            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+                raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+            hw = frames.shape[1:3]
+            if hw != (self.size, self.size):
+                frames = np.stack([cv2.resize(f, (self.size, self.size), interpolation=cv2.INTER_AREA) for f in frames])
+        else:
+            frames = data.read_frames(clip["video"], self.size)
+            hw = np.broadcast_to(np.asarray(clip["frame_size"]), (2,))
+        return frames, np.asarray(clip["landmarks"], np.float32), (int(hw[0]), int(hw[1]))
+
+    def _prepare(self, clip) -> dict:
+        size = self.size
+        frames, P, (H, W) = self._load(clip)
+        if P.ndim != 3 or P.shape[1:] != (478, 3) or len(P) != len(frames):
+            raise ValueError(f"landmarks must be ({len(frames)}, 478, 3), got {P.shape}")
+        P_px = P * np.array([size / W, size / H, size / W], np.float32)  # (T, 478, 3) in `size` pixels
+        P_canon, _ = landmarks.canonicalize(P)  # (T, 478, 3)
+        lmk_images = landmarks.draw_landmark_images(landmarks.canonical_to_canvas(P_canon, size), size)
+        boxes = [landmarks.mouth_box(p, (size, size), self.mask_expand) for p in P_px]
+        return {"frames": frames, "P_px": P_px, "lmk_images": lmk_images, "boxes": boxes}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def reference_index(self, i: int, T: int) -> int:
+        """The reference frame j = i +- tau for target i in a clip of T frames (the other side near the ends)."""
+        if self.train:
+            tau = int(torch.randint(self.tau_min, self.tau_max + 1, ()).item())
+            sign = -1 if not self.tau_both_sides or torch.rand(()).item() < 0.5 else 1
+        else:
+            tau, sign = self.tau_max, -1
+        j = i + sign * tau
+        if not 0 <= j < T:
+            j = i - sign * tau  # the other side
+        return int(min(max(j, 0), T - 1))
+
+    def __getitem__(self, idx: int) -> dict:
+        c, i = self.index[idx]
+        clip = self.clips[c]
+        j = self.reference_index(i, len(clip["frames"]))
+        box = clip["boxes"][i]
+        images = {
+            "target": clip["frames"][i],
+            "mask": landmarks.apply_mouth_mask(clip["frames"][i], box),
+            "ref": clip["frames"][j],
+            "ref_lmk": clip["lmk_images"][j],
+            "lmk": clip["lmk_images"][i],
+        }
+        item = {k: to_tensor_image(v) for k, v in images.items()}  # (3, size, size) each
+        item["mouth"] = torch.from_numpy(_box_mask(box, self.size))
+        item.update(clip=c, frame=i, ref_frame=j)
+        return item
+
+
+class L2ILatents(torch.utils.data.Dataset):
+    """L2IFrames with every condition pre-encoded by the frozen VAE encoder E (its posterior mode, so exact).
+
+    E is deterministic and every condition image is a function of one frame (I_mask, I^P of frame i; I_ref,
+    I^P_ref of frame j), so three latents per frame are enough: E(frame), E(masked frame), E(landmark image).
+    Training then needs no VAE pass at all. Items: z0 = E(I_i), mask, ref, ref_lmk, lmk (C, h, w) latents,
+    mouth (1, size, size) and clip, frame, ref_frame; `L2I.loss(item["z0"], item)` takes a collated batch as is.
+    Memory: 3 latents per frame (about 12 kB at 4x16x16) on CPU."""
+
+    def __init__(self, frames: L2IFrames, vae, batch_size: int = 64):
+        self.frames = frames
+        device = next(vae.parameters()).device
+        self.latents = []  # per clip: {"frame", "mask", "lmk"} -> (T, C, h, w) float32 on CPU
+        for clip in tqdm(frames.clips, desc="L2I encode", leave=False, disable=len(frames.clips) < 4):
+            masked = np.stack([landmarks.apply_mouth_mask(f, b) for f, b in zip(clip["frames"], clip["boxes"])])
+            images = {"frame": clip["frames"], "mask": masked, "lmk": clip["lmk_images"]}
+            self.latents.append({k: self._encode(vae, v, batch_size, device) for k, v in images.items()})
+
+    @staticmethod
+    def _encode(vae, images: np.ndarray, batch_size: int, device) -> torch.Tensor:
+        with torch.no_grad():
+            chunks = [vae.encode_latents(to_tensor_image(images[i:i + batch_size]).to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)]
+        return torch.cat(chunks)  # (T, C, h, w)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, idx: int) -> dict:
+        c, i = self.frames.index[idx]
+        z = self.latents[c]
+        j = self.frames.reference_index(i, len(z["frame"]))
+        mouth = torch.from_numpy(_box_mask(self.frames.clips[c]["boxes"][i], self.frames.size))
+        return {"z0": z["frame"][i], "mask": z["mask"][i], "ref": z["frame"][j], "ref_lmk": z["lmk"][j],
+                "lmk": z["lmk"][i], "mouth": mouth, "clip": c, "frame": i, "ref_frame": j}
+
+
+def paste_back(generated: np.ndarray, source: np.ndarray, soft_mask: np.ndarray) -> np.ndarray:
+    """Blend generated frame(s) into the source inside a feathered mouth mask (blueprint 6.4, step 4).
+
+    generated, source: uint8 (T, H, W, 3) or (H, W, 3); soft_mask: float (H, W) or (T, H, W) in [0, 1].
+    Pixels where the mask is 0 are the source's pixels exactly."""
+    generated, source = np.asarray(generated), np.asarray(source)
+    if generated.shape != source.shape or generated.shape[-1] != 3:
+        raise ValueError(f"generated {generated.shape} and source {source.shape} must be equal (..., H, W, 3)")
+    m = np.clip(np.asarray(soft_mask, np.float32), 0.0, 1.0)
+    if m.shape[-2:] != source.shape[-3:-1]:
+        raise ValueError(f"soft_mask {m.shape} does not match frame size {source.shape[-3:-1]}")
+    m = m[..., None]  # (..., H, W, 1)
+    blended = source.astype(np.float32) * (1.0 - m) + generated.astype(np.float32) * m
+    blended = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return np.where(m > 0, blended, source)
