@@ -90,7 +90,7 @@ class L2IConfig:
     # optimisation
     lr: float = 5e-4
     weight_decay: float = 0.01
-    warmup_steps: int = 200
+    warmup: int = 200
     grad_clip: float = 1.0
     steps: int = 12000
     batch_size: int = 8
@@ -105,7 +105,7 @@ class L2IConfig:
             "paper": cls(
                 image_size=256, latent_size=32, channels=(128, 256, 512, 512), num_res_blocks=2,
                 attn_resolutions=(32, 16, 8), heads=8, norm_groups=32, tau_min=1, tau_max=60, sample_steps=50,
-                lr=1e-4, warmup_steps=1000, steps=300_000, batch_size=64, ema_decay=0.9999, mouth_loss_weight=1.0,
+                lr=1e-4, warmup=1000, steps=300_000, batch_size=64, ema_decay=0.9999, mouth_loss_weight=1.0,
             ),
         }
         if name not in presets:

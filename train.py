@@ -255,12 +255,83 @@ class A2LStage:
         plot_opening(self.results[0], path, "held-out clip: mouth opening (IOD)")
 
 
+class L2IStage:
+    """Landmark-to-image latent diffusion (Sec. 3.2, Fig. 2) on latents of a frozen, already trained VAE.
+
+    Every condition image is a function of one frame, so each frame's E(frame), E(masked frame) and
+    E(landmark image) are encoded once (`l2i.L2ILatents`) and training never runs the VAE.
+    """
+
+    def __init__(self, args, device):
+        from l2i import L2IFrames, L2ILatents
+        from dreamhead import load_model
+        self.args, self.cfg, self.device = args, args.config, device
+        self.vae = load_model(self.vae_path(args), "vae", device)
+        if self.vae.cfg.resolution != self.cfg.image_size or self.vae.cfg.latent_shape[1] != self.cfg.latent_size:
+            raise UsageError(f"the VAE works at {self.vae.cfg.resolution} px -> {self.vae.cfg.latent_shape}, but "
+                             f"L2I expects {self.cfg.image_size} px -> latents of {self.cfg.latent_size}; "
+                             "use a matching --vae checkpoint or preset")
+        cfg = self.cfg
+        kw = dict(size=cfg.image_size, tau_min=cfg.tau_min, tau_max=cfg.tau_max, mask_expand=cfg.mask_expand)
+        frames = L2IFrames(clip_paths(args.data, "train", args.clips, args.seed, args.cache), train=True,
+                           tau_both_sides=cfg.tau_both_sides, **kw)
+        self.train = L2ILatents(frames, self.vae)
+        eval_frames = L2IFrames(clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)[:4],
+                                train=False, **kw)
+        self.eval_frames, self.eval_latents = eval_frames, L2ILatents(eval_frames, self.vae)
+        self.eval_idx = np.linspace(0, len(eval_frames) - 1, 16).astype(int).tolist()
+
+    @staticmethod
+    def vae_path(args) -> str:
+        if args.vae:
+            return args.vae
+        shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "vae_tiny.pt")
+        return shipped if args.preset == "tiny" and os.path.exists(shipped) else os.path.join("runs", "vae", "ckpt.pt")
+
+    def build(self):
+        from l2i import L2I
+        return L2I(self.cfg)
+
+    def _collate(self, dataset, idx):
+        batch = torch.utils.data.default_collate([dataset[i] for i in idx])
+        return {k: v.to(self.device) for k, v in batch.items() if v.dtype.is_floating_point}
+
+    def batch(self, gen):
+        return self._collate(self.train, torch.randint(len(self.train), (self.cfg.batch_size,), generator=gen).tolist())
+
+    def loss(self, model, batch, step):
+        return model.loss(batch["z0"], batch)
+
+    @torch.no_grad()
+    def generate(self, model):
+        """Generated frames for the fixed held-out items, with their targets, references and mouth masks."""
+        from vae import FrameDataset
+        cond = self._collate(self.eval_latents, self.eval_idx)
+        z0 = model.sample(cond, generator=torch.Generator().manual_seed(0))
+        items = [self.eval_frames[i] for i in self.eval_idx]
+        stack = lambda key: torch.stack([it[key] for it in items])  # (N, C, size, size)
+        return self.vae.decode_latents(z0).clamp(-1, 1).cpu(), stack("target"), stack("ref"), stack("lmk"), stack("mouth")
+
+    def evaluate(self, model):
+        """Mouth-box PSNR of generated frames, beside the baseline that copies the reference frame's mouth."""
+        from vae import psnr
+        self.samples = gen, target, ref, _, mouth = self.generate(model)
+        return {"psnr_mouth": psnr(gen, target, mask=mouth), "psnr_mouth_copy_ref": psnr(ref, target, mask=mouth)}
+
+    def picture(self, model, path):
+        """Rows: reference | target landmark image | generated | truth (the samples of the last evaluate)."""
+        from vae import to_uint8
+        gen, target, ref, lmk, _ = self.samples
+        rows = [np.concatenate(list(to_uint8(x[:8])), axis=1) for x in (ref, lmk, gen, target)]
+        save_png(path, np.concatenate(rows, axis=0))
+
+
 def stage_runner(args, device):
     if args.stage == "vae":
         return VAEStage(args, device)
     if args.stage == "a2l":
         return A2LStage(args, device)
-    raise UsageError(f"--stage {args.stage} is not wired into train.py yet; see the README status table")
+    return L2IStage(args, device)
 
 
 # ----------------------------------------------------------------------------------------------------------

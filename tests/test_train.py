@@ -94,3 +94,17 @@ def test_ddp_on_cpu_with_gloo_under_torchrun(clips, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("saved ") == 1  # rank 0 alone writes the checkpoint
     assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "vae")["step"] == 3
+
+
+def test_l2i_stage_trains_on_a_frozen_vae_and_checks_it_matches(clips, tmp_path):
+    vae = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "1")))
+    common = ["--stage", "l2i", "--data", clips[0], "--eval-data", clips[1], "--cache", str(tmp_path / "cache"),
+              "--vae", vae, "--image-size", "32", "--batch-size", "2", "--sample-steps", "2", "--steps", "2",
+              "--eval-every", "2", "--save-every", "2", "--log-every", "1"]
+    path = train.train(train.parse_args(common + ["--latent-size", "8", "--out", str(tmp_path / "l2i")]))
+    ckpt = load_checkpoint(path, "l2i")
+    evals = [h for h in ckpt["history"] if h["kind"] == "eval"]
+    assert np.isfinite(evals[-1]["psnr_mouth"]) and np.isfinite(evals[-1]["psnr_mouth_copy_ref"])
+    assert os.path.getsize(tmp_path / "l2i" / "samples_000002.png") > 0
+    with pytest.raises(UsageError, match="latents of 16"):
+        train.train(train.parse_args(common + ["--latent-size", "16", "--out", str(tmp_path / "bad")]))
