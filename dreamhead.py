@@ -411,18 +411,24 @@ def load_model(path: str, stage: str, device="cpu", weights: str = "ema") -> tor
 class EMA:
     """Exponential moving average of a model's parameters (shadow = d * shadow + (1 - d) * param).
 
+    The decay warms up as d_n = min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's
+    ExponentialMovingAverage with num_updates), so early averages do not keep the random initialisation.
     Buffers (statistics such as a measured scale factor or a residual std) are copied, not averaged.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, num_updates: int = 0):
         self.decay = decay
+        self.num_updates = num_updates
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        n = self.num_updates
+        decay = min(self.decay, (1 + n) / (10 + n))
         for k, v in model.named_parameters():
-            self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+            self.shadow[k].lerp_(v.detach(), 1.0 - decay)
         self.copy_buffers(model)
+        self.num_updates += 1
 
     @torch.no_grad()
     def copy_buffers(self, model: nn.Module) -> None:

@@ -410,6 +410,7 @@ def train(args) -> str:
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history, extra = ckpt["step"], ckpt.get("history", []), ckpt.get("extra", {})
+        ema.num_updates = step
     loss_module = StageLoss(model, stage.loss)
     if world > 1:  # gradients are all-reduced only through DDP's forward, so the loss runs inside it
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)

@@ -108,3 +108,21 @@ def test_l2i_stage_trains_on_a_frozen_vae_and_checks_it_matches(clips, tmp_path)
     assert os.path.getsize(tmp_path / "l2i" / "samples_000002.png") > 0
     with pytest.raises(UsageError, match="latents of 16"):
         train.train(train.parse_args(common + ["--latent-size", "16", "--out", str(tmp_path / "bad")]))
+
+
+def test_ema_warms_up_then_tracks_slowly():
+    from dreamhead import EMA
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # n = 0: decay (1 + 0) / 10 = 0.1, so the average moves 90 % of the way at once
+    assert ema.shadow["weight"].item() == pytest.approx(0.9)
+    for _ in range(5000):
+        ema.update(model)
+    assert ema.shadow["weight"].item() == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema.update(model)  # n = 5001: decay (1 + n) / (10 + n), still below 0.999
+    assert ema.shadow["weight"].item() == pytest.approx(5002 / 5011, abs=1e-6)
