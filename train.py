@@ -20,7 +20,6 @@ import dataclasses
 import glob
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -306,7 +305,6 @@ class L2IStage:
     @torch.no_grad()
     def generate(self, model):
         """Generated frames for the fixed held-out items, with their targets, references and mouth masks."""
-        from vae import FrameDataset
         cond = self._collate(self.eval_latents, self.eval_idx)
         z0 = model.sample(cond, generator=torch.Generator().manual_seed(0))
         items = [self.eval_frames[i] for i in self.eval_idx]

@@ -2,29 +2,19 @@
 window dataset. Small sizes only (the CI machine has 2 shared CPU cores)."""
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import a2l  # noqa: E402
-from dreamhead import UsageError  # noqa: E402
+import a2l
+from dreamhead import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = a2l.SAMPLE_RATE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread; on a shared 2-core machine two threads can be 30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def small_config(**overrides):

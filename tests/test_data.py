@@ -4,15 +4,13 @@ import math
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402
-import landmarks  # noqa: E402
+import data
+import landmarks
 
 TEXT = "Papa, a map."
 

@@ -11,14 +11,6 @@ import vae
 S = 8  # latent side of the test model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed 2-core machine 2 threads ran these tests 10-30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small_config(**overrides) -> l2i.L2IConfig:
     """The tiny preset shrunk further (8x8 latents, 16/32 channels) so the tests stay fast."""
