@@ -87,7 +87,7 @@ class A2LConfig:
     betas: tuple = (0.9, 0.99)
     weight_decay: float = 0.01
     warmup: int = 50
-    steps: int = 3000
+    steps: int = 10000
     batch_size: int = 16
     ema_decay: float = 0.999
     grad_clip: float = 1.0
