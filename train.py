@@ -163,7 +163,7 @@ class VAEStage:
         self.args, self.cfg, self.device = args, args.config, device
         size = self.cfg.resolution
         frames, _ = load_frames(clip_paths(args.data, "train", args.clips, args.seed, args.cache), size, args.cache)
-        self.train = FrameDataset(np.asarray(frames), hflip=self.cfg.hflip)
+        self.train = FrameDataset(np.asarray(frames), hflip=self.cfg.hflip, colour_jitter=self.cfg.colour_jitter)
         e_frames, e_lmks = load_frames(clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache), size, args.cache)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
         self.eval_x = FrameDataset.to_tensor(np.asarray(e_frames[pick]))  # (E, 3, size, size)

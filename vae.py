@@ -71,6 +71,8 @@ class VAEConfig:
     steps: int = 100_000
     grad_clip: float = 1.0
     hflip: bool = True
+    colour_jitter: float = 0.0            # probability of a random RGB permutation + per-channel gain (our guess:
+                                          # held-out identities bring skin/hair/background colours unseen in training)
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # lists come back from checkpoints / json
@@ -474,13 +476,14 @@ def discriminator_loss(model: AutoencoderKL, disc: PatchDiscriminator, x: torch.
 class FrameDataset(torch.utils.data.Dataset):
     """uint8 frames (N, H, W, 3) -> float tensors (3, H, W) in [-1, 1], optional random horizontal flip."""
 
-    def __init__(self, frames: np.ndarray, hflip: bool = False):
+    def __init__(self, frames: np.ndarray, hflip: bool = False, colour_jitter: float = 0.0):
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
             raise ValueError(f"frames must be a non-empty uint8 array (N, H, W, 3), got {frames.dtype} "
                              f"{frames.shape}")
         self.frames = frames
         self.hflip = hflip
+        self.colour_jitter = colour_jitter
 
     def __len__(self):
         return len(self.frames)
@@ -504,7 +507,20 @@ class FrameDataset(torch.utils.data.Dataset):
         if self.hflip:
             flip = torch.rand(batch_size, generator=generator) < 0.5
             x[flip] = x[flip].flip(-1)
+        if self.colour_jitter > 0:
+            x = jitter_colours(x, self.colour_jitter, generator)
         return x
+
+
+def jitter_colours(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """With probability p per image (B, 3, H, W) in [-1, 1]: permute the RGB channels and scale each by a gain
+    in [0.8, 1.2] (in [0, 1] intensity), so the autoencoder sees colours beyond the training identities'."""
+    B = x.shape[0]
+    pick = torch.rand(B, generator=generator) < p
+    perm = torch.stack([torch.randperm(3, generator=generator) for _ in range(B)])  # (B, 3)
+    gain = 0.8 + 0.4 * torch.rand(B, 3, 1, 1, generator=generator)  # (B, 3, 1, 1)
+    jittered = ((torch.gather(x, 1, perm[:, :, None, None].expand_as(x)) + 1) * gain - 1).clamp(-1, 1)
+    return torch.where(pick[:, None, None, None], jittered, x)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

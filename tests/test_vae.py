@@ -293,3 +293,22 @@ def test_bad_shapes_raise_value_error():
         DiagonalGaussian(torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError):
         psnr(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
+
+
+def test_colour_jitter_permutes_and_scales_channels_only_when_picked():
+    from vae import jitter_colours
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 4, 4, generator=gen) * 2 - 1
+    assert torch.equal(jitter_colours(x, 0.0, gen), x)
+    y = jitter_colours(x, 1.0, gen)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    changed = (y != x).flatten(1).any(1)
+    assert changed.float().mean() > 0.9
+    # every output channel is a scaled copy of one input channel: intensities (in [0, 1]) differ by a gain only
+    for b in range(4):
+        out = (y[b] + 1).flatten(1)  # (3, 16)
+        src = (x[b] + 1).flatten(1)
+        for c in range(3):
+            free = out[c] < 2 - 1e-6  # pixels not clipped at white
+            ratios = out[c, free][None] / src[:, free].clamp_min(1e-6)  # (3 in, F)
+            assert (ratios.std(-1) < 1e-3).any() and free.sum() > 3
