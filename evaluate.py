@@ -57,8 +57,9 @@ def landmark_metrics(preds: list[np.ndarray], truths: list[np.ndarray]) -> dict:
             "jitter": float(np.mean([landmarks.jitter(p) for p in preds]))}
 
 
-def evaluate_a2l(models: dict, dataset, steps=None, seed=0, max_clips=None) -> dict:
-    """Metrics per method ({name: model}), plus `static` and `ground_truth` rows."""
+def evaluate_a2l(models: dict, dataset, steps=None, seed=0, max_clips=None) -> tuple[dict, list[dict]]:
+    """Metrics per method ({name: model}), plus `static` and `ground_truth` rows; also the first model's
+    per-clip predictions (for plots)."""
     rows, first = {}, None
     for name, model in models.items():
         results = a2l_predictions(model, dataset, steps, seed, max_clips)
@@ -67,7 +68,7 @@ def evaluate_a2l(models: dict, dataset, steps=None, seed=0, max_clips=None) -> d
     truths = [r["truth"] for r in first]
     rows["static"] = landmark_metrics([np.broadcast_to(r["p_bar"], r["truth"].shape) for r in first], truths)
     rows["ground_truth"] = landmark_metrics(truths, truths)
-    return rows
+    return rows, first
 
 
 def plot_opening(result: dict, path: str, title: str) -> None:
@@ -120,14 +121,13 @@ def main(argv=None):
     cfg = models["a2l"].config
     paths = clip_paths(args.data, "test", args.clips)
     dataset = A2LWindows(paths, cfg.window, train=False, context_frames=cfg.context_frames, n_mels=cfg.n_mels)
-    rows = evaluate_a2l(models, dataset, args.steps, args.seed)
+    rows, results = evaluate_a2l(models, dataset, args.steps, args.seed)
     print(f"held-out clips: {len(dataset.clips)}, frames: {sum(len(c['P']) for c in dataset.clips)}")
     print(format_table(rows))
     if args.json:
         atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
     if args.plot:
-        result = a2l_predictions(models["a2l"], dataset, args.steps, args.seed, max_clips=1)[0]
-        plot_opening(result, args.plot, "held-out identity and sentence: mouth opening over time")
+        plot_opening(results[0], args.plot, "held-out identity and sentence: mouth opening over time")
 
 
 if __name__ == "__main__":

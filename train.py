@@ -137,20 +137,6 @@ def load_frames(paths: list[str], size: int, cache: str) -> tuple[np.ndarray, np
     return np.load(f_path, mmap_mode="r"), np.load(l_path)
 
 
-def mouth_boxes(lmks: np.ndarray, size: int) -> np.ndarray:
-    """(N, 4) mouth boxes (x0, y0, x1, y1) of landmark frames at size x size."""
-    from landmarks import mouth_box
-    return np.array([mouth_box(P, (size, size)) for P in lmks])
-
-
-def box_mask(boxes: np.ndarray, size: int) -> torch.Tensor:
-    """(N, 1, size, size) float mask, 1 inside each box; built without a loop over pixels."""
-    ys, xs = torch.arange(size)[:, None], torch.arange(size)[None, :]
-    b = torch.as_tensor(boxes)[:, :, None, None]  # (N, 4, 1, 1)
-    inside = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])  # (N, size, size)
-    return inside[:, None].float()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Stages: each gives the model, a batch, the loss, held-out evaluation and a picture
 # ----------------------------------------------------------------------------------------------------------
@@ -159,6 +145,7 @@ class VAEStage:
     """The frozen E / D of L2I (Fig. 2), trained first: L1 + KL (+ optional PatchGAN), see vae.py."""
 
     def __init__(self, args, device):
+        import landmarks
         from vae import FrameDataset
         self.args, self.cfg, self.device = args, args.config, device
         size = self.cfg.resolution
@@ -167,7 +154,8 @@ class VAEStage:
         e_frames, e_lmks = load_frames(clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache), size, args.cache)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
         self.eval_x = FrameDataset.to_tensor(np.asarray(e_frames[pick]))  # (E, 3, size, size)
-        self.eval_mask = box_mask(mouth_boxes(e_lmks[pick], size), size)  # (E, 1, size, size)
+        masks = [landmarks.mouth_mask(P, (size, size)) for P in e_lmks[pick]]  # E x (size, size)
+        self.eval_mask = torch.from_numpy(np.stack(masks))[:, None]  # (E, 1, size, size)
         self.disc = None
 
     def build(self):
