@@ -36,7 +36,6 @@ import os
 import pickle
 import re
 import subprocess
-import tempfile
 import zlib
 
 import cv2
@@ -45,7 +44,7 @@ from scipy.signal import lfilter, resample_poly
 from scipy.spatial import Delaunay
 
 import landmarks
-from dreamhead import UsageError, atomic_write, run_cli
+from dreamhead import UsageError, atomic_write, run_cli, temp_beside
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -834,27 +833,66 @@ def ffmpeg_exe():
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+class Mp4Writer:
+    """Stream RGB frames into an H.264 (+ AAC) mp4 through the ffmpeg of imageio-ffmpeg, so memory does not grow
+    with the video's length. Written to a temporary file beside `path` and renamed into place on a clean
+    exit; on an exception the temporary file is removed and nothing is left at `path`.
+
+        with Mp4Writer("out.mp4", (h, w), audio_int16) as video:
+            video.write(frames)  # (n, h, w, 3) uint8, any number of times
+    """
+
+    def __init__(self, path, size_hw, audio=None, sample_rate=SAMPLE_RATE, fps=FPS, crf=18):
+        self.path, self.size_hw, self.audio = os.fspath(path), tuple(int(v) for v in size_hw), audio
+        self.sample_rate, self.fps, self.crf = sample_rate, fps, crf
+        self.frames = 0
+
+    def __enter__(self):
+        import soundfile
+        h, w = self.size_hw
+        self._tmp = temp_beside(self.path, suffix=".mp4")
+        self._wav = None
+        cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{w}x{h}", "-r", str(self.fps), "-i", "-"]
+        if self.audio is not None:
+            self._wav = self._tmp[:-4] + ".wav"
+            soundfile.write(self._wav, np.asarray(self.audio, np.int16), self.sample_rate, subtype="PCM_16")
+            cmd += ["-i", self._wav, "-c:a", "aac", "-b:a", "64k"]
+        cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", str(self.crf), "-pix_fmt", "yuv420p",
+                "-threads", "1", "-movflags", "+faststart", "-f", "mp4", self._tmp]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        return self
+
+    def write(self, frames):
+        frames = np.ascontiguousarray(frames, np.uint8)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.shape[1:] != (*self.size_hw, 3):
+            raise ValueError(f"frames must be (n, {self.size_hw[0]}, {self.size_hw[1]}, 3), got {frames.shape}")
+        self._proc.stdin.write(frames.tobytes())
+        self.frames += len(frames)
+
+    def __exit__(self, exc_type, exc, tb):
+        self._proc.stdin.close()
+        err = self._proc.stderr.read().decode(errors="replace")
+        code = self._proc.wait()
+        if self._wav:
+            os.unlink(self._wav)
+        if exc_type is None and code == 0 and self.frames > 0:
+            os.chmod(self._tmp, 0o644)
+            os.replace(self._tmp, self.path)
+            return False
+        os.unlink(self._tmp)
+        if exc_type is None:
+            raise RuntimeError(f"ffmpeg failed on {self.path} after {self.frames} frames: {err[-500:]}")
+        return False
+
+
 def write_mp4(path, frames, audio=None, sample_rate=SAMPLE_RATE, fps=FPS, crf=18):
-    """H.264 (+ AAC when audio is given) mp4 through the ffmpeg binary of imageio-ffmpeg, atomically."""
-    frames = np.ascontiguousarray(frames, np.uint8)
-    t, h, w = frames.shape[:3]
-
-    def write(tmp):
-        with tempfile.TemporaryDirectory() as folder:
-            cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-                   "-s", f"{w}x{h}", "-r", str(fps), "-i", "-"]
-            if audio is not None:
-                import soundfile
-                wav = os.path.join(folder, "audio.wav")
-                soundfile.write(wav, np.asarray(audio, np.int16), sample_rate, subtype="PCM_16")
-                cmd += ["-i", wav, "-c:a", "aac", "-b:a", "64k"]
-            cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", str(crf), "-pix_fmt", "yuv420p",
-                    "-threads", "1", "-frames:v", str(t), "-movflags", "+faststart", "-f", "mp4", tmp]
-            proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"ffmpeg failed: {proc.stderr.decode(errors='replace')[-500:]}")
-
-    atomic_write(path, write)
+    """H.264 (+ AAC when audio is given) mp4 of all frames (T, H, W, 3) at once, atomically."""
+    frames = np.asarray(frames, np.uint8)
+    with Mp4Writer(path, frames.shape[1:3], audio, sample_rate, fps, crf) as video:
+        video.write(frames)
 
 
 def write_clip(stem, clip):
@@ -885,17 +923,24 @@ def load_clip(npz_path):
     return clip
 
 
-def read_frames(mp4_path, size=None):
-    """Decode a video into uint8 (T, H, W, 3) RGB (resized to size x size if given) through ffmpeg."""
-    if not os.path.exists(mp4_path):
-        raise UsageError(f"no video at {mp4_path}; check the path")
-    probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", mp4_path], capture_output=True, text=True)
+def video_size(path):
+    """(width, height) of a video's first stream, through ffmpeg; UsageError when it is missing or unreadable."""
+    if not os.path.exists(path):
+        raise UsageError(f"no video at {path}; check the path")
+    probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True)
     match = re.search(r"Video:.*?(\d{2,5})x(\d{2,5})", probe.stderr)
     if match is None:
-        raise UsageError(f"{mp4_path} has no readable video stream; re-encode it as H.264 mp4")
-    w, h = (size, size) if size else (int(match.group(1)), int(match.group(2)))
+        raise UsageError(f"{path} has no readable video stream; re-encode it as H.264 mp4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def read_frames(mp4_path, size=None, fps=None):
+    """Decode a video into uint8 (T, H, W, 3) RGB through ffmpeg: size resizes to size x size (an int) or
+    to (W, H) (a pair); fps resamples the frame rate (frames dropped or repeated, as ffmpeg's fps filter)."""
+    w, h = video_size(mp4_path) if not size else (size, size) if np.isscalar(size) else size
+    filters = ([f"fps={fps}"] if fps else []) + ([f"scale={w}:{h}:flags=area"] if size else [])
     cmd = [ffmpeg_exe(), "-loglevel", "error", "-i", mp4_path, "-f", "rawvideo", "-pix_fmt", "rgb24"]
-    cmd += ["-vf", f"scale={w}:{h}:flags=area"] if size else []
+    cmd += ["-vf", ",".join(filters)] if filters else []
     proc = subprocess.run(cmd + ["-"], capture_output=True)
     if proc.returncode != 0:
         raise UsageError(f"cannot decode {mp4_path}: {proc.stderr.decode(errors='replace')[-200:]}")
@@ -1069,6 +1114,24 @@ def contact_sheet(out, video=None, size=256, seed=7, cell_px=192):
         write_mp4(video, np.concatenate([clip["frames"], drawn.astype(np.uint8)], 2), clip["audio"], crf=30)
 
 
+EXAMPLE = dict(seed=0, index=16, split="test")  # a held-out identity (18) speaking a held-out sentence
+
+
+def example(out="examples"):
+    """The shipped example inputs: out/face.png (the clip's first frame), out/speech.wav (16 kHz) and
+    out/truth.npz (the clip's true landmarks, for `evaluate.py sample`), from test clip EXAMPLE."""
+    import soundfile
+    clip = make_clip(**EXAMPLE)
+    os.makedirs(out, exist_ok=True)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(clip["frames"][0], cv2.COLOR_RGB2BGR))
+    atomic_write(os.path.join(out, "face.png"), lambda tmp: open(tmp, "wb").write(png.tobytes()))
+    atomic_write(os.path.join(out, "speech.wav"),
+                 lambda tmp: soundfile.write(tmp, clip["audio"], SAMPLE_RATE, subtype="PCM_16", format="WAV"))
+    atomic_write(os.path.join(out, "truth.npz"), lambda tmp: np.savez_compressed(
+        open(tmp, "wb"), landmarks=clip["landmarks"].astype(np.float16), text=clip["text"]))
+    print(f"wrote {out}/face.png, speech.wav, truth.npz: identity {clip['identity']}, {clip['text']!r}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Synthetic talking heads with exact ground truth.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1086,8 +1149,12 @@ def main(argv=None):
     c.add_argument("--out", default="docs/data_contact_sheet.png")
     c.add_argument("--video", default=None)
     c.add_argument("--size", type=int, default=256)
+    e = sub.add_parser("example", help="the example inputs shipped in examples/ (a held-out face and sentence)")
+    e.add_argument("--out", default="examples")
     args = parser.parse_args(argv)
-    if args.command == "synth":
+    if args.command == "example":
+        example(args.out)
+    elif args.command == "synth":
         import time
         start = time.time()
         paths = synth(args.out, args.clips, args.seed, args.split, args.size, args.workers)

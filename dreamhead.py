@@ -344,18 +344,32 @@ def run_cli(main) -> None:
         sys.exit(2)
 
 
+def temp_beside(path: str, suffix: str = ".tmp") -> str:
+    """Create an empty temporary file in path's folder (made if missing) and return its name; UsageError when
+    the folder cannot be written, so a bad output path fails before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}; choose a writable output path") from None
+    os.close(fd)
+    return tmp
+
+
+def check_writable(path: str) -> None:
+    """UsageError now (not after minutes of work) when `path` cannot be written."""
+    if os.path.isdir(path):
+        raise UsageError(f"output {path} is a folder; give a file name")
+    os.remove(temp_beside(path))
+
+
 def atomic_write(path: str, write_fn) -> None:
     """Call write_fn(tmp_path) on a temporary file beside `path`, then rename it into place.
 
     A crash or Ctrl-C leaves either the old file or the new one, never a truncated file.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror}; choose a writable output path") from None
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         write_fn(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the file the permissions a plain open() would
@@ -460,3 +474,83 @@ def pick_device(name: str = "auto") -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cascade (paper Fig. 1 and Sec. 3.3 "inference"): audio -> A2L landmarks -> L2I frames
+# ----------------------------------------------------------------------------------------------------------
+
+class DreamHead:
+    """The two hierarchies joined: A2L (a2l.A2L) turns speech into canonical landmarks with the subject's mean
+    mesh as P̄; L2I (l2i.L2I, decoding through the frozen VAE) renders each frame from its landmark image, a
+    reference frame with its landmark image and the frame with the mouth blacked out.
+
+    Face crops here are square, `size` px, framed like the training frames (landmarks.face_crop_box); putting
+    the result back into the full frame is sample.py's job. Nothing here keeps per-frame state beyond a batch,
+    so memory does not grow with the audio's length except for the (T, 478, 3) landmarks."""
+
+    def __init__(self, a2l, vae, l2i):
+        self.a2l, self.vae, self.l2i = a2l, vae, l2i
+        size, s = l2i.cfg.image_size, l2i.cfg.latent_size
+        if vae.cfg.resolution != size or tuple(vae.cfg.latent_shape) != (l2i.cfg.latent_channels, s, s):
+            raise UsageError(f"the VAE ({vae.cfg.resolution} px -> {tuple(vae.cfg.latent_shape)}) does not match "
+                             f"the L2I model ({size} px -> {l2i.cfg.latent_channels}x{s}x{s}); give the VAE the "
+                             "L2I model was trained with")
+
+    @classmethod
+    def load(cls, a2l_path: str, vae_path: str, l2i_path: str, device="cpu") -> "DreamHead":
+        return cls(load_model(a2l_path, "a2l", device), load_model(vae_path, "vae", device),
+                   load_model(l2i_path, "l2i", device))
+
+    @property
+    def size(self) -> int:
+        return self.l2i.cfg.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.l2i.null_lmk.device
+
+    @torch.no_grad()
+    def audio_to_landmarks(self, wave: np.ndarray, p_bar: np.ndarray, steps=None, guidance=None, seed: int = 0,
+                           progress: bool = False) -> np.ndarray:
+        """A2L over a whole 16 kHz utterance: canonical landmarks (T, 478, 3), T = ceil(seconds x 25)."""
+        from a2l import mel_context
+        cfg = self.a2l.config
+        mel_ctx = mel_context(wave, context_frames=cfg.context_frames, n_mels=cfg.n_mels)  # (T, C, 80)
+        gen = torch.Generator(self.device).manual_seed(seed)
+        return self.a2l.generate(mel_ctx, torch.as_tensor(p_bar, dtype=torch.float32), steps=steps,
+                                 guidance=guidance, generator=gen, progress=progress).numpy()
+
+    @torch.no_grad()
+    def render(self, crops: np.ndarray, source: np.ndarray, boxes: np.ndarray, P_canon: np.ndarray, ref_crop: np.ndarray,
+               ref_P_canon: np.ndarray, steps=None, guidance=None, seed: int = 0, batch: int = 16):
+        """L2I for T frames, batch by batch; yields uint8 (b, size, size, 3) generated crops in order.
+
+        crops: uint8 (N, size, size, 3) source crops and source (T,) int: the crop each frame starts from (a still
+        photo: N = 1 and all zeros), so a looped video is never copied out to T frames;
+        boxes: (T, 4) mouth boxes (x0, y0, x1, y1) in crop pixels, blacked out to make I_mask;
+        P_canon: (T, 478, 3) canonical landmarks to render (A2L output, or given); ref_crop (size, size, 3) and
+        ref_P_canon (478, 3): the reference pair, encoded once for the whole video.
+        The same seed gives the same frames whatever the batch size (one starting noise for every frame)."""
+        import landmarks
+        from l2i import encode_conditions, landmark_image, to_tensor_image
+        size, T = self.size, len(P_canon)
+        if crops.shape[1:] != (size, size, 3) or len(source) != T or len(boxes) != T:
+            raise ValueError(f"need crops (N, {size}, {size}, 3), source ({T},) and boxes ({T}, 4), got "
+                             f"{crops.shape}, {np.shape(source)}, {np.shape(boxes)}")
+        reference = encode_conditions(self.vae, {  # (1, C, h, w) each, computed once
+            "ref": to_tensor_image(ref_crop[None]), "ref_lmk": to_tensor_image(landmark_image(ref_P_canon, size)[None])})
+        gen = torch.Generator(self.device).manual_seed(seed)
+        cfg = self.l2i.cfg
+        z_T = torch.randn((1, cfg.latent_channels, cfg.latent_size, cfg.latent_size), generator=gen,
+                          device=self.device)
+        for start in range(0, T, batch):
+            idx = np.arange(start, min(start + batch, T))
+            targets = crops[source[idx]]  # (b, size, size, 3)
+            masked = np.stack([landmarks.apply_mouth_mask(f, boxes[i]) for f, i in zip(targets, idx)])
+            lmk = landmarks.draw_landmark_images(landmarks.canonical_to_canvas(P_canon[idx], size), size)
+            cond = {**reference, **encode_conditions(self.vae, {"mask": to_tensor_image(masked),
+                                                                 "lmk": to_tensor_image(lmk)})}
+            z0 = self.l2i.sample(cond, steps=steps, guidance=guidance, generator=gen, z_T=z_T)  # (b, C, h, w)
+            frames = self.vae.decode_latents(z0).clamp(-1, 1)  # (b, 3, size, size)
+            yield ((frames + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).cpu().numpy()  # (b, S, S, 3)

@@ -381,9 +381,12 @@ class L2I(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: dict, steps: int | None = None, eta: float | None = None, guidance: float | None = None,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+               generator: torch.Generator | None = None, progress: bool = False,
+               z_T: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM sampling of z0 for a batch of frames (paper Fig. 2, "(T-1) diffusion steps").
 
+        z_T: optional starting noise (B or 1, C, h, w); one noise shared by every frame of a video keeps the
+        frames from flickering and makes the result independent of how frames are batched [our choice].
         The batch is the largest condition batch; batch-1 entries (the shared reference) are broadcast.
         guidance != 1 adds an unconditional pass (landmarks -> null) per step: eps = cfg_combine(c, u, guidance)."""
         steps = steps or self.cfg.sample_steps
@@ -393,7 +396,9 @@ class L2I(nn.Module):
         C, s = self.cfg.latent_channels, self.cfg.latent_size
         device = self.null_lmk.device
         noise_device = generator.device if generator is not None else device
-        z = torch.randn((B, C, s, s), generator=generator, device=noise_device).to(device)  # z_T
+        if z_T is None:
+            z_T = torch.randn((B, C, s, s), generator=generator, device=noise_device)
+        z = z_T.to(device).expand(B, C, s, s).contiguous()  # (B, C, h, w)
         uncond = self.null_condition(cond) if guidance != 1.0 else None
         self.scheduler.set_timesteps(steps)
         for t in tqdm(self.scheduler.timesteps.tolist(), desc="L2I DDIM", disable=not progress, leave=False):
@@ -559,10 +564,14 @@ class L2ILatents(torch.utils.data.Dataset):
     mouth (1, size, size) and clip, frame, ref_frame; `L2I.loss(item["z0"], item)` takes a collated batch as is.
     Memory: 3 latents per frame (about 12 kB at 4x16x16) on CPU."""
 
-    def __init__(self, frames: L2IFrames, vae, batch_size: int = 64):
+    def __init__(self, frames: L2IFrames, vae, batch_size: int = 64, latents: list | None = None):
         self.frames = frames
+        self.latents = latents or []  # per clip: {"frame", "mask", "lmk"} -> (T, C, h, w) float32 on CPU
+        if latents is not None:  # encoded before (train.py caches them on disk per VAE checkpoint)
+            if len(latents) != len(frames.clips):
+                raise ValueError(f"{len(latents)} cached latent clips for {len(frames.clips)} clips")
+            return
         device = next(vae.parameters()).device
-        self.latents = []  # per clip: {"frame", "mask", "lmk"} -> (T, C, h, w) float32 on CPU
         for clip in tqdm(frames.clips, desc="L2I encode", leave=False, disable=len(frames.clips) < 4):
             masked = np.stack([landmarks.apply_mouth_mask(f, b) for f, b in zip(clip["frames"], clip["boxes"])])
             images = {"frame": clip["frames"], "mask": masked, "lmk": clip["lmk_images"]}

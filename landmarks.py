@@ -213,7 +213,7 @@ class FaceMeshDetector:
         self.close()
 
 
-_NO_FACE_HINT = "use a photo with one clearly visible, roughly frontal face"
+_NO_FACE_HINT = "use a photo with one clearly visible, roughly frontal face at least ~100 px wide"
 
 
 def detect_image(image, name: str | None = None) -> np.ndarray:
@@ -622,6 +622,49 @@ def apply_mouth_mask(image: np.ndarray, box: tuple[int, int, int, int]) -> np.nd
     x0, y0, x1, y1 = box
     out[y0:y1, x0:x1] = 0
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Face crop: frame any photo the way the training frames are framed
+# ----------------------------------------------------------------------------------------------------
+
+# Framing of the synthetic training frames, measured over 36 clips (16 train, 20 held out): inter-ocular
+# distance = 0.263 (std 0.016) of the frame side, eye midpoint at (0.50, 0.35) of the frame.
+FACE_IOD_FRACTION = 0.263
+FACE_EYE_XY = (0.50, 0.35)
+
+
+def face_crop_box(P) -> np.ndarray:
+    """Square crop(s) (..., 3) = (x0, y0, side) in pixels that frame the face(s) P (..., 478, 2|3) like the
+    training frames. The box may extend past the image border (`crop_faces` pads by replicating edges)."""
+    P = _check_points(P, "P", (2, 3))
+    side = inter_ocular(P) / FACE_IOD_FRACTION  # (...,)
+    eyes = (P[..., 33, :2] + P[..., 263, :2]) / 2.0  # (..., 2)
+    x0 = eyes[..., 0] - FACE_EYE_XY[0] * side
+    y0 = eyes[..., 1] - FACE_EYE_XY[1] * side
+    return np.stack([x0, y0, side], axis=-1).astype(np.float64)  # (..., 3)
+
+
+def crop_faces(images: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Cut square boxes (T, 3) = (x0, y0, side) out of images (T or 1, H, W, 3) and resize them to size px:
+    uint8 (T, size, size, 3). Area interpolation when shrinking, edge replication outside the image."""
+    boxes = np.atleast_2d(boxes)
+    out = np.empty((len(boxes), size, size, 3), np.uint8)
+    for i, (x0, y0, side) in enumerate(boxes):  # one affine warp per frame (cv2 has no batched warp)
+        k = size / side
+        M = np.array([[k, 0.0, -x0 * k], [0.0, k, -y0 * k]])
+        flags = cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR
+        out[i] = cv2.warpAffine(images[i if len(images) > 1 else 0], M, (size, size), flags=flags,
+                                borderMode=cv2.BORDER_REPLICATE)
+    return out
+
+
+def to_crop(P, boxes, size: int) -> np.ndarray:
+    """Landmarks (..., 478, 3) in image pixels -> pixels of the size-px crops `boxes` (..., 3) (z scaled alike)."""
+    boxes = np.asarray(boxes, np.float64)
+    k = (size / boxes[..., 2])[..., None, None]  # (..., 1, 1)
+    offset = np.stack([boxes[..., 0], boxes[..., 1], np.zeros_like(boxes[..., 0])], -1)[..., None, :]
+    return ((np.asarray(P, np.float64) - offset) * k).astype(np.float32)  # (..., 478, 3)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""sample.py: audio + face -> an H.264/AAC mp4 with every frame, and one-line errors that leave nothing behind."""
+"""sample.py: audio + face (photo or video) -> an H.264/AAC talking-head mp4 through the whole cascade, and
+one-line errors that leave nothing behind."""
 import math
 import os
 import re
@@ -11,57 +12,118 @@ import pytest
 import soundfile as sf
 
 import data
+import landmarks
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = [os.path.join(ROOT, "checkpoints", f"{s}_tiny.pt") for s in ("a2l", "vae", "l2i")]
+
+
+def _train(root, *flags):
+    return train.train(train.parse_args([*flags, "--data", str(root / "train"), "--eval-data", str(root / "test"),
+                                         "--cache", str(root / "cache"), "--eval-every", "1", "--save-every", "1"]))
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A tiny A2L checkpoint trained for 2 steps, a 1.3 s wav at 44.1 kHz stereo and a face png."""
+    """Three 1-step checkpoints (A2L, a 32 px VAE and L2I on it), a short wav at 44.1 kHz stereo, a face png
+    and a 1 s face video."""
     root = tmp_path_factory.mktemp("sample")
     for split in ("train", "test"):
         (root / split).mkdir()
         data.write_clip(str(root / split / "clip_0000"), data.make_clip(0, 0, split, size=128, seconds=1.3))
-    ckpt = train.train(train.parse_args([
-        "--stage", "a2l", "--width", "32", "--pairs", "1", "--heads", "2", "--window", "8", "--overlap", "2",
-        "--batch-size", "2", "--steps", "2", "--sample-steps", "2", "--eval-every", "2", "--save-every", "2",
-        "--data", str(root / "train"), "--eval-data", str(root / "test"), "--out", str(root / "a2l")]))
+    a2l = _train(root, "--stage", "a2l", "--width", "32", "--pairs", "1", "--heads", "2", "--window", "8",
+                 "--overlap", "2", "--batch-size", "2", "--steps", "2", "--sample-steps", "2", "--out", str(root / "a2l"))
+    vae = _train(root, "--stage", "vae", "--resolution", "32", "--base-channels", "8", "--norm-groups", "4",
+                 "--batch-size", "2", "--steps", "1", "--out", str(root / "vae"))
+    l2i = _train(root, "--stage", "l2i", "--vae", vae, "--image-size", "32", "--latent-size", "8",
+                 "--batch-size", "2", "--sample-steps", "2", "--steps", "1", "--out", str(root / "l2i"))
+    vae16 = _train(root, "--stage", "vae", "--resolution", "16", "--base-channels", "8", "--norm-groups", "4",
+                   "--batch-size", "2", "--steps", "1", "--out", str(root / "vae16"))
     clip = data.load_clip(str(root / "test" / "clip_0000.npz"))
     audio = clip["audio"].astype(np.float32) / 32768
-    stereo = np.stack([audio, audio], 1)
     from scipy.signal import resample_poly
-    sf.write(root / "speech.wav", resample_poly(stereo, 441, 160, axis=0), 44100)
-    frame = data.read_frames(str(root / "test" / "clip_0000.mp4"))[0]
-    cv2.imwrite(str(root / "face.png"), frame[..., ::-1])
-    return {"root": root, "ckpt": ckpt, "wav": str(root / "speech.wav"), "face": str(root / "face.png"),
-            "seconds": len(audio) / 16000}
+    sf.write(root / "speech.wav", resample_poly(np.stack([audio, audio], 1), 441, 160, axis=0), 44100)
+    frames = data.read_frames(str(root / "test" / "clip_0000.mp4"))
+    cv2.imwrite(str(root / "face.png"), frames[0][..., ::-1])
+    data.write_mp4(str(root / "face.mp4"), frames[:25])
+    return {"root": root, "a2l": a2l, "vae": vae, "l2i": l2i, "vae16": vae16, "wav": str(root / "speech.wav"),
+            "face": str(root / "face.png"), "video": str(root / "face.mp4"), "seconds": len(audio) / 16000,
+            "truth": clip["landmarks"]}
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True)
+def run(inputs, audio, face, out, *extra, ckpts=None):
+    ckpts = {**{k: inputs[k] for k in ("a2l", "vae", "l2i")}, **(ckpts or {})}
+    flags = [x for k, v in ckpts.items() for x in (f"--{k}", v)]
+    return subprocess.run([sys.executable, "sample.py", audio, face, "--out", out, "--steps", "2", *flags, *extra],
+                          cwd=ROOT, capture_output=True, text=True)
 
 
-def test_writes_h264_aac_mp4_with_every_frame_and_landmarks(inputs, tmp_path):
+def probe(path):
+    """(video codec, audio codec, duration s) from ffmpeg's banner."""
+    text = subprocess.run([data.ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+    h, m, s = re.search(r"Duration: (\d+):(\d+):([\d.]+)", text).groups()
+    video, audio = re.search(r"Video: (\w+)", text), re.search(r"Audio: (\w+)", text)
+    return video and video.group(1), audio and audio.group(1), int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def test_photo_gives_h264_aac_mp4_with_every_frame_and_the_same_video_for_the_same_seed(inputs, tmp_path):
     out, lm = str(tmp_path / "out.mp4"), str(tmp_path / "lm.npy")
-    proc = run(inputs["wav"], inputs["face"], "--a2l", inputs["ckpt"], "--out", out, "--save-landmarks", lm)
+    proc = run(inputs, inputs["wav"], inputs["face"], out, "--save-landmarks", lm)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    probe = subprocess.run([data.ffmpeg_exe(), "-i", out], capture_output=True, text=True).stderr
-    assert re.search(r"Video: h264", probe) and re.search(r"Audio: aac", probe)
+    vcodec, acodec, duration = probe(out)
     expected = math.ceil(inputs["seconds"] * 25)
-    assert len(data.read_frames(out)) == expected
+    assert (vcodec, acodec) == ("h264", "aac") and abs(duration - inputs["seconds"]) <= 1 / 25 + 0.03
+    frames = data.read_frames(out)
+    assert frames.shape == (expected, 128, 128, 3)
     P = np.load(lm)
     assert P.shape == (expected, 478, 3) and np.isfinite(P).all()
-    again = str(tmp_path / "again.npy")
-    run(inputs["wav"], inputs["face"], "--a2l", inputs["ckpt"], "--out", str(tmp_path / "b.mp4"),
-        "--save-landmarks", again)
-    np.testing.assert_array_equal(np.load(again), P)  # same seed, same landmarks
+    # same seed, another batch size: the same landmarks and the same frames (one noise shared by all frames)
+    again, lm2 = str(tmp_path / "again.mp4"), str(tmp_path / "lm2.npy")
+    assert run(inputs, inputs["wav"], inputs["face"], again, "--batch", "3", "--save-landmarks", lm2).returncode == 0
+    np.testing.assert_array_equal(np.load(lm2), P)
+    np.testing.assert_array_equal(data.read_frames(again), frames)
+    # outside the feathered mouth region every pixel is the photo's (up to H.264)
+    face = cv2.imread(inputs["face"])[..., ::-1].astype(int)
+    assert np.abs(frames[:, :30].astype(int) - face[None, :30]).mean() < 3
 
 
-@pytest.mark.parametrize("case", ["missing_audio", "empty_audio", "nan_audio", "no_face", "bad_checkpoint",
-                                  "unwritable_out"])
+def test_driving_video_is_looped_to_the_audio_and_debug_shows_three_panels(inputs, tmp_path):
+    out = str(tmp_path / "dub.mp4")
+    proc = run(inputs, inputs["wav"], inputs["video"], out, "--debug")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    frames = data.read_frames(out)
+    assert frames.shape == (math.ceil(inputs["seconds"] * 25), 128, 3 * 128, 3)  # 25 video frames, more out
+    video = data.read_frames(inputs["video"])
+    # the input panel follows the video back and forth: frame 26 shows video frame 22
+    assert np.abs(frames[26, :, :128].astype(int) - video[22]).mean() < 3
+
+
+def test_given_landmarks_drive_l2i_and_must_cover_the_audio(inputs, tmp_path):
+    lm = str(tmp_path / "truth.npy")
+    np.save(lm, inputs["truth"].astype(np.float32))
+    out = str(tmp_path / "gt.mp4")
+    assert run(inputs, inputs["wav"], inputs["face"], out, "--landmarks", lm).returncode == 0
+    assert len(data.read_frames(out)) == math.ceil(inputs["seconds"] * 25)
+    np.save(lm, inputs["truth"][:10].astype(np.float32))
+    proc = run(inputs, inputs["wav"], inputs["face"], str(tmp_path / "short.mp4"), "--landmarks", lm)
+    needs = math.ceil(inputs["seconds"] * 25)
+    assert proc.returncode == 2 and f"has 10 frames but the audio needs {needs}" in proc.stderr
+    assert not os.path.exists(tmp_path / "short.mp4")
+
+
+BAD = {
+    "missing_audio": "audio file not found", "empty_audio": "cannot read audio", "nan_audio": "NaN or infinite",
+    "corrupt_audio": "cannot read audio", "missing_image": "does not exist", "unreadable_image": "cannot read",
+    "no_face": "no face found", "face_too_small": "too small", "corrupt_checkpoint": "corrupt",
+    "truncated_checkpoint": "corrupt", "wrong_stage_checkpoint": "is a 'a2l' checkpoint",
+    "mismatched_vae": "does not match", "unwritable_out": "cannot write", "bad_batch": "--batch must be",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line_exit_2_and_no_output(inputs, tmp_path, case):
-    wav, face, ckpt, out = inputs["wav"], inputs["face"], inputs["ckpt"], str(tmp_path / "out.mp4")
+    wav, face, out, extra, ckpts = inputs["wav"], inputs["face"], str(tmp_path / "out.mp4"), [], {}
     if case == "missing_audio":
         wav = str(tmp_path / "nope.wav")
     elif case == "empty_audio":
@@ -70,17 +132,55 @@ def test_bad_input_is_one_line_exit_2_and_no_output(inputs, tmp_path, case):
     elif case == "nan_audio":
         wav = str(tmp_path / "nan.wav")
         sf.write(wav, np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    elif case == "corrupt_audio":
+        wav = str(tmp_path / "noise.wav")
+        open(wav, "wb").write(os.urandom(3000))
+    elif case == "missing_image":
+        face = str(tmp_path / "nope.png")
+    elif case == "unreadable_image":
+        face = str(tmp_path / "broken.png")
+        open(face, "wb").write(b"\x89PNG not really")
     elif case == "no_face":
         face = str(tmp_path / "blank.png")
         cv2.imwrite(face, np.full((200, 200, 3), 127, np.uint8))
-    elif case == "bad_checkpoint":
-        ckpt = str(tmp_path / "bad.pt")
-        with open(ckpt, "wb") as f:
-            f.write(b"not a checkpoint")
-    else:
+    elif case == "face_too_small":  # found at full size, but ~9 px between the eyes at --max-size 100
+        face = str(tmp_path / "small.png")
+        canvas = np.full((600, 600, 3), 127, np.uint8)
+        canvas[200:400, 200:400] = cv2.resize(cv2.imread(os.path.join(ROOT, "examples", "face.png")), (200, 200),
+                                              interpolation=cv2.INTER_AREA)
+        cv2.imwrite(face, canvas)
+        extra = ["--max-size", "100"]
+    elif case == "corrupt_checkpoint":
+        ckpts["l2i"] = str(tmp_path / "bad.pt")
+        open(ckpts["l2i"], "wb").write(b"not a checkpoint")
+    elif case == "truncated_checkpoint":
+        ckpts["vae"] = str(tmp_path / "half.pt")
+        blob = open(inputs["vae"], "rb").read()
+        open(ckpts["vae"], "wb").write(blob[: len(blob) // 2])
+    elif case == "wrong_stage_checkpoint":
+        ckpts["l2i"] = inputs["a2l"]
+    elif case == "mismatched_vae":
+        ckpts["vae"] = inputs["vae16"]
+    elif case == "unwritable_out":
         out = "/proc/forbidden/out.mp4"
-    proc = run(wav, face, "--a2l", ckpt, "--out", out)
+    elif case == "bad_batch":
+        extra = ["--batch", "0"]
+    proc = run(inputs, wav, face, out, *extra, ckpts=ckpts)
     assert proc.returncode == 2, (case, proc.stderr[-1500:])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
-    assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert BAD[case] in errors[0], errors[0]
+    assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if f.startswith(".out.mp4")]
+
+
+@pytest.mark.skipif(not all(map(os.path.exists, SHIPPED)), reason="shipped checkpoints not present")
+def test_silent_audio_is_valid_and_gives_a_closed_mouth(tmp_path):
+    """With the shipped checkpoints: 1.5 s of digital silence -> a video whose predicted mouth stays shut."""
+    wav, out, lm = str(tmp_path / "silence.wav"), str(tmp_path / "out.mp4"), str(tmp_path / "lm.npy")
+    sf.write(wav, np.zeros(24000, np.int16), 16000)
+    proc = subprocess.run([sys.executable, "sample.py", wav, os.path.join(ROOT, "examples", "face.png"), "--out",
+                           out, "--save-landmarks", lm], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    P = np.load(lm)
+    opening = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
+    assert len(data.read_frames(out)) == 38 and opening.max() < 0.05, opening.max()
