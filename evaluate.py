@@ -13,6 +13,19 @@ A2L (Sec. 3.1), in canonical space (units of inter-ocular distance, IOD):
   beside two baselines: `static` (the subject's mean landmarks P̄ on every frame) and, with
   `--regressor CKPT`, the same network trained as a deterministic regressor (the diffusion-vs-regression
   ablation: `python train.py --stage a2l --objective regression --out runs/a2l_regression`).
+
+VAE (the frozen E / D of Fig. 2): PSNR of reconstructions over the whole frame and inside the mouth box.
+
+L2I (Sec. 3.2), frames rendered from the ground-truth landmarks of held-out clips with a reference frame
+tau_max frames earlier (so its mouth differs):
+  - mouth-box PSNR against the truth, beside the baseline that copies the reference frame's mouth and the
+    VAE's own reconstruction (the ceiling);
+  - the mouth opening MediaPipe measures on the generated frames (upscaled before detection) against the
+    opening of the landmarks L2I was asked to render: Pearson correlation, and the detection rate.
+  Several checkpoints side by side (`--ckpt name=path ...`) give the conditioning ablations.
+
+Cascade (`sample`): sample.py on held-out faces and sentences; MediaPipe's mouth opening on the output video
+against the ground truth of the sentence, and seconds of compute per second of audio.
 """
 from __future__ import annotations
 
@@ -98,9 +111,172 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def measured_opening(frames: np.ndarray, detect_size: int = 256) -> np.ndarray:
+    """Mouth opening / inter-ocular distance that MediaPipe measures on each frame (T, H, W, 3), upscaled to
+    detect_size px first (MediaPipe does not find 64 px faces); NaN where no face is found."""
+    import cv2
+    out = np.full(len(frames), np.nan)
+    with landmarks.FaceMeshDetector(static_image_mode=True, max_num_faces=1) as detector:
+        for i, frame in enumerate(frames):
+            big = cv2.resize(frame, (detect_size, detect_size), interpolation=cv2.INTER_CUBIC)
+            P = detector.detect(big)
+            if P is not None:
+                out[i] = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
+    return out
+
+
+def _nan_corr(a: np.ndarray, b: np.ndarray) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)
+    return _corr(a[ok], b[ok]) if ok.sum() > 2 else float("nan")
+
+
+@torch.no_grad()
+def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, batch: int = 64) -> dict:
+    """PSNR (dB) of E -> D reconstructions over the frame and inside the mouth box, (N, S, S, 3) uint8 frames."""
+    from vae import FrameDataset, psnr
+    x = FrameDataset.to_tensor(np.asarray(frames))  # (N, 3, S, S)
+    rec = torch.cat([vae.decode(vae.encode(b).mode()) for b in x.split(batch)]).clamp(-1, 1)
+    m = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # (N, 1, S, S)
+    return {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
+
+
+@torch.no_grad()
+def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0) -> dict:
+    """Render every `every`-th frame of the held-out items (an l2i.L2ILatents with train=False frames) from its
+    true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; MediaPipe opening."""
+    from l2i import to_uint8_image
+    from vae import psnr
+    frames = latents.frames
+    idx = list(range(0, len(latents), every))
+    gen_all, truth_all, ref_all, rec_all, mouth_all, opening = [], [], [], [], [], []
+    cfg = model.cfg
+    z_T = torch.randn((1, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
+                      generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(idx), batch):
+        items = [latents[i] for i in idx[start:start + batch]]
+        cond = torch.utils.data.default_collate(items)
+        z0 = model.sample(cond, steps=steps, z_T=z_T)  # (b, C, h, w)
+        gen_all.append(vae.decode_latents(z0).clamp(-1, 1))
+        rec_all.append(vae.decode_latents(cond["z0"]).clamp(-1, 1))
+        for it in items:
+            clip = frames.clips[it["clip"]]
+            truth_all.append(clip["frames"][it["frame"]])
+            ref_all.append(clip["frames"][it["ref_frame"]])
+            P = clip["P_px"][it["frame"]]
+            opening.append(landmarks.mouth_opening(P) / landmarks.inter_ocular(P))
+        mouth_all.append(cond["mouth"])
+    to_t = lambda a: torch.from_numpy(np.stack(a)).float().div(127.5).sub(1).movedim(-1, 1)  # (N, 3, S, S)
+    gen, rec, mouth = torch.cat(gen_all), torch.cat(rec_all), torch.cat(mouth_all)
+    truth, ref = to_t(truth_all), to_t(ref_all)
+    opening = np.array(opening)
+    measured = measured_opening(to_uint8_image(gen))
+    measured_truth = measured_opening(np.stack(truth_all))
+    return {"frames": len(idx),
+            "psnr_mouth": psnr(gen, truth, mask=mouth),
+            "psnr_mouth_copy_ref": psnr(ref, truth, mask=mouth),
+            "psnr_mouth_vae": psnr(rec, truth, mask=mouth),
+            "psnr": psnr(gen, truth),
+            "opening_corr": _nan_corr(measured, opening),
+            "detected": float(np.isfinite(measured).mean()),
+            "opening_corr_truth_frames": _nan_corr(measured_truth, opening)}, to_uint8_image(gen)
+
+
+def _named(specs: list[str]) -> dict:
+    """["name=path", "path"] -> {name: path} (a bare path is named after its folder)."""
+    import os
+    return dict(s.split("=", 1) if "=" in s else (os.path.basename(os.path.dirname(s)) or s, s) for s in specs)
+
+
+def print_rows(rows: dict) -> None:
+    keys = list(next(iter(rows.values())))
+    print(f"{'':<22}" + "".join(f"{k:>18}" for k in keys))
+    for name, r in rows.items():
+        print(f"{name:<22}" + "".join(f"{r[k]:>18.3f}" if isinstance(r[k], float) else f"{r[k]:>18}" for k in keys))
+
+
+def main_vae(args) -> dict:
+    from train import clip_paths, load_frames
+    vae = load_model(args.ckpt, "vae")
+    size = vae.cfg.resolution
+    frames, P = load_frames(clip_paths(args.data, "test", args.clips), size, "cache")
+    masks = np.stack([landmarks.mouth_mask(p, (size, size)) for p in P])
+    return {"vae": evaluate_vae(vae, frames, masks)}
+
+
+def main_l2i(args) -> dict:
+    from l2i import L2IFrames, L2ILatents
+    from train import clip_paths
+    vae = load_model(args.vae, "vae")
+    rows, paths = {}, clip_paths(args.data, "test", args.clips)
+    datasets = {}
+    for name, path in _named(args.ckpt).items():
+        model = load_model(path, "l2i")
+        c = model.cfg
+        key = (c.image_size, c.tau_max, c.mask_expand)
+        if key not in datasets:
+            frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand)
+            datasets[key] = L2ILatents(frames, vae)
+        rows[name], gen = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed)
+        print(name, rows[name], flush=True)
+    return rows
+
+
+def main_sample(args) -> dict:
+    """sample.py on held-out test clips: face = the clip's first frame, audio = its sentence."""
+    import os
+    import tempfile
+    import time
+
+    import cv2
+    import soundfile
+
+    import data
+    import sample
+    from train import clip_paths
+    rows = {}
+    paths = clip_paths(args.data, "test", args.clips)[: args.videos]
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in paths:
+            clip = data.load_clip(path)
+            face, wav, out = (os.path.join(tmp, n) for n in ("face.png", "speech.wav", "out.mp4"))
+            frame = data.read_frames(path[:-4] + ".mp4")[0]
+            cv2.imwrite(face, frame[..., ::-1])
+            soundfile.write(wav, clip["audio"], clip["sample_rate"])
+            start = time.process_time()
+            sample.main([wav, face, "--out", out] + args.sample_args)
+            cpu = time.process_time() - start
+            video = data.read_frames(out)
+            truth = clip["landmarks"]
+            opening = landmarks.mouth_opening(truth) / landmarks.inter_ocular(truth)
+            measured = measured_opening(video, detect_size=max(256, video.shape[1]))
+            seconds = len(clip["audio"]) / clip["sample_rate"]
+            rows[os.path.basename(path)] = {"frames": len(video), "opening_corr": _nan_corr(measured, opening),
+                                            "detected": float(np.isfinite(measured).mean()),
+                                            "cpu_s_per_audio_s": cpu / seconds}
+            print(os.path.basename(path), rows[os.path.basename(path)], flush=True)
+    rows["mean"] = {k: float(np.mean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
+    v = sub.add_parser("vae", help="reconstruction PSNR (frame, mouth box) on held-out clips")
+    v.add_argument("--ckpt", default="runs/vae/ckpt.pt")
+    i = sub.add_parser("l2i", help="mouth PSNR vs copy-the-reference and MediaPipe opening on held-out clips")
+    i.add_argument("--ckpt", nargs="+", default=["runs/l2i/ckpt.pt"], help="name=path or path, one or more")
+    i.add_argument("--vae", default="runs/vae/ckpt.pt")
+    i.add_argument("--every", type=int, default=4, help="evaluate every n-th frame")
+    s = sub.add_parser("sample", help="the whole cascade on held-out faces and sentences")
+    s.add_argument("--videos", type=int, default=4, help="held-out clips to dub")
+    s.add_argument("sample_args", nargs=argparse.REMAINDER, help="passed on to sample.py (after --)")
+    for q in (v, i, s):
+        q.add_argument("--data", default=None, help="held-out clips folder (default: synthetic test split)")
+        q.add_argument("--clips", type=int, default=20, help="synthetic held-out clips")
+        q.add_argument("--json", default=None, help="write the metrics here")
+    for q in (i,):
+        q.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the config's)")
+        q.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("a2l", help="lip LMD, mouth-opening correlation and jitter on held-out clips")
     a.add_argument("--ckpt", default="runs/a2l/ckpt.pt")
     a.add_argument("--regressor", default=None, help="checkpoint of the same network trained with "
@@ -112,6 +288,14 @@ def main(argv=None):
     a.add_argument("--plot", default=None, help="PNG of predicted vs true mouth opening of the first clip")
     a.add_argument("--json", default=None, help="write the metrics here")
     args = p.parse_args(argv)
+    if args.stage != "a2l":
+        if getattr(args, "sample_args", None) and args.sample_args[0] == "--":
+            args.sample_args = args.sample_args[1:]
+        rows = {"vae": main_vae, "l2i": main_l2i, "sample": main_sample}[args.stage](args)
+        print_rows(rows)
+        if args.json:
+            atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
+        return
 
     from a2l import A2LWindows
     from train import clip_paths

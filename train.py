@@ -149,8 +149,11 @@ class VAEStage:
         from vae import FrameDataset
         self.args, self.cfg, self.device = args, args.config, device
         size = self.cfg.resolution
-        frames, _ = load_frames(clip_paths(args.data, "train", args.clips, args.seed, args.cache), size, args.cache)
-        self.train = FrameDataset(np.asarray(frames), hflip=self.cfg.hflip, colour_jitter=self.cfg.colour_jitter)
+        paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
+        frames, _ = load_frames(paths, size * (2 if self.cfg.crop_scale < 1 else 1), args.cache)
+        self.train = FrameDataset(frames, hflip=self.cfg.hflip, colour_jitter=self.cfg.colour_jitter,
+                                  natural_mix=self.cfg.natural_mix, seed=args.seed, crop_scale=self.cfg.crop_scale,
+                                  size=size)
         e_frames, e_lmks = load_frames(clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache), size, args.cache)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
         self.eval_x = FrameDataset.to_tensor(np.asarray(e_frames[pick]))  # (E, 3, size, size)
@@ -251,7 +254,7 @@ class L2IStage:
     """
 
     def __init__(self, args, device):
-        from l2i import L2IFrames, L2ILatents
+        from l2i import L2IFrames
         from dreamhead import load_model
         self.args, self.cfg, self.device = args, args.config, device
         self.vae = load_model(self.vae_path(args), "vae", device)
@@ -261,13 +264,26 @@ class L2IStage:
                              "use a matching --vae checkpoint or preset")
         cfg = self.cfg
         kw = dict(size=cfg.image_size, tau_min=cfg.tau_min, tau_max=cfg.tau_max, mask_expand=cfg.mask_expand)
-        frames = L2IFrames(clip_paths(args.data, "train", args.clips, args.seed, args.cache), train=True,
-                           tau_both_sides=cfg.tau_both_sides, **kw)
-        self.train = L2ILatents(frames, self.vae)
-        eval_frames = L2IFrames(clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)[:4],
-                                train=False, **kw)
-        self.eval_frames, self.eval_latents = eval_frames, L2ILatents(eval_frames, self.vae)
-        self.eval_idx = np.linspace(0, len(eval_frames) - 1, 16).astype(int).tolist()
+        paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
+        self.train = self.encoded(L2IFrames(paths, train=True, tau_both_sides=cfg.tau_both_sides, **kw), paths)
+        paths = clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)[:4]
+        self.eval_frames = L2IFrames(paths, train=False, **kw)
+        self.eval_latents = self.encoded(self.eval_frames, paths)
+        self.eval_idx = np.linspace(0, len(self.eval_frames) - 1, 16).astype(int).tolist()
+
+    def encoded(self, frames, paths: list[str]):
+        """L2ILatents of these frames, cached on disk per VAE checkpoint (encoding is most of the set-up time)."""
+        from l2i import L2ILatents
+        with open(self.vae_path(self.args), "rb") as f:
+            vae_sha = hashlib.sha1(f.read()).hexdigest()
+        key = hashlib.sha1(json.dumps([[os.path.abspath(p) for p in paths], frames.size, frames.mask_expand,
+                                       vae_sha]).encode())
+        path = os.path.join(self.args.cache, "l2i_latents", key.hexdigest()[:12] + ".pt")
+        if os.path.exists(path):
+            return L2ILatents(frames, None, latents=torch.load(path, weights_only=True))
+        dataset = L2ILatents(frames, self.vae)
+        atomic_write(path, lambda tmp: torch.save(dataset.latents, tmp))
+        return dataset
 
     @staticmethod
     def vae_path(args) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
@@ -73,6 +74,12 @@ class VAEConfig:
     hflip: bool = True
     colour_jitter: float = 0.0            # probability of a random RGB permutation + per-channel gain (our guess:
                                           # held-out identities bring skin/hair/background colours unseen in training)
+    crop_scale: float = 1.0               # random resized crops: side in [crop_scale, 1] of the frame, taken from
+                                          # frames stored at twice the resolution (1 = off; our guess: 16
+                                          # identities are memorised whole, crops and shifts break that)
+    natural_mix: float = 0.0              # fraction of each batch replaced by random crops of the photos shipped
+                                          # with scikit-image (our guess: SD's VAE generalises because it saw
+                                          # generic images; 16 identities alone are too few to learn colours)
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # lists come back from checkpoints / json
@@ -476,7 +483,8 @@ def discriminator_loss(model: AutoencoderKL, disc: PatchDiscriminator, x: torch.
 class FrameDataset(torch.utils.data.Dataset):
     """uint8 frames (N, H, W, 3) -> float tensors (3, H, W) in [-1, 1], optional random horizontal flip."""
 
-    def __init__(self, frames: np.ndarray, hflip: bool = False, colour_jitter: float = 0.0):
+    def __init__(self, frames: np.ndarray, hflip: bool = False, colour_jitter: float = 0.0,
+                 natural_mix: float = 0.0, seed: int = 0, crop_scale: float = 1.0, size: int | None = None):
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
             raise ValueError(f"frames must be a non-empty uint8 array (N, H, W, 3), got {frames.dtype} "
@@ -484,6 +492,10 @@ class FrameDataset(torch.utils.data.Dataset):
         self.frames = frames
         self.hflip = hflip
         self.colour_jitter = colour_jitter
+        self.natural_mix = natural_mix
+        self.size = size or frames.shape[1]  # output side; frames may be stored larger for crop_scale < 1
+        self.crop_scale = crop_scale
+        self.natural = natural_crops(self.size, 4096, seed) if natural_mix > 0 else None
 
     def __len__(self):
         return len(self.frames)
@@ -500,16 +512,61 @@ class FrameDataset(torch.utils.data.Dataset):
             x = x.flip(-1)
         return x
 
+    def random_crops(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, size, size): random square crops of side in [crop_scale, 1] x H at random
+        places (the whole frame when crop_scale = 1), resized with antialiasing like the area-resized frames."""
+        B, _, H, _ = x.shape
+        if self.crop_scale >= 1:
+            return x if H == self.size else F.interpolate(x, size=self.size, mode="bilinear", antialias=True)
+        sides = (H * (self.crop_scale + (1 - self.crop_scale) * torch.rand(B, generator=generator))).long()
+        out = []
+        for img, side in zip(x, sides.tolist()):  # B crops of different sizes: one interpolate each
+            y0, x0 = (int(torch.randint(H - side + 1, (), generator=generator)) for _ in range(2))
+            crop = img[None, :, y0:y0 + side, x0:x0 + side]  # (1, 3, side, side)
+            out.append(F.interpolate(crop, size=self.size, mode="bilinear", antialias=True))
+        return torch.cat(out)  # (B, 3, size, size)
+
     def random_batch(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """A batch (B, 3, H, W) drawn with replacement, for simple training loops without a DataLoader."""
         idx = torch.randint(len(self), (batch_size,), generator=generator)
-        x = self.to_tensor(self.frames[idx.numpy()])                    # (B, 3, H, W)
+        x = self.random_crops(self.to_tensor(self.frames[np.sort(idx.numpy())]), generator)  # (B, 3, size, size)
+        if self.natural is not None:
+            swap = torch.rand(batch_size, generator=generator) < self.natural_mix
+            pick = torch.randint(len(self.natural), (int(swap.sum()),), generator=generator)
+            x[swap] = self.to_tensor(self.natural[pick.numpy()])
         if self.hflip:
             flip = torch.rand(batch_size, generator=generator) < 0.5
             x[flip] = x[flip].flip(-1)
         if self.colour_jitter > 0:
             x = jitter_colours(x, self.colour_jitter, generator)
         return x
+
+
+NATURAL_IMAGES = ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "brick", "camera", "coins", "grass", "gravel", "moon", "clock", "horse", "page", "text", "cat", "logo")
+
+
+def natural_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
+    """count random square crops (count, size, size, 3) uint8 of the photos that ship inside scikit-image
+    (no download), at random scales; grayscale photos get a random tint so every colour is covered."""
+    import skimage.data
+    rng = np.random.default_rng(seed)
+    photos = []
+    for name in NATURAL_IMAGES:
+        img = np.asarray(getattr(skimage.data, name)())
+        if img.dtype == bool:
+            img = img.astype(np.uint8) * 255
+        photos.append(np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img[..., :3])
+    out = np.empty((count, size, size, 3), np.uint8)
+    for k in range(count):
+        img = photos[rng.integers(len(photos))]
+        h, w = img.shape[:2]
+        side = int(rng.integers(min(size, h, w) // 2, min(h, w) + 1))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = cv2.resize(img[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
+        tint = rng.uniform(0.3, 1.0, 3) if img[..., 0].tobytes() == img[..., 1].tobytes() else np.ones(3)
+        out[k] = np.clip(crop * tint, 0, 255).astype(np.uint8)
+    return out
 
 
 def jitter_colours(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
