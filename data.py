@@ -53,6 +53,7 @@ NUM_IDENTITIES = 20
 TRAIN_IDENTITIES = tuple(range(16))
 TEST_IDENTITIES = tuple(range(16, 20))
 CLIP_SECONDS = (3.0, 8.0)
+EXTRA_IDENTITIES_START = 100  # appearance-only identities for the VAE (`appearance_frames`), never in clips
 
 # ------------------------------------------------------------------------------------------------------------
 # Speech: espeak-ng through ctypes
@@ -577,8 +578,8 @@ def _base_photo(name, mirror):
 
 def identity_params(identity):
     """Deterministic appearance of identity `identity` (0..19)."""
-    if not 0 <= identity < NUM_IDENTITIES:
-        raise ValueError(f"identity must be in 0..{NUM_IDENTITIES - 1}, got {identity}")
+    if not (0 <= identity < NUM_IDENTITIES or identity >= EXTRA_IDENTITIES_START):
+        raise ValueError(f"identity must be in 0..{NUM_IDENTITIES - 1} or >= {EXTRA_IDENTITIES_START}, got {identity}")
     rng = np.random.default_rng(1000 + identity)
     return {
         "photo": ("astronaut", "grace")[identity % 2], "mirror": bool((identity // 2) % 2),
@@ -805,6 +806,27 @@ def render_clip(identity, art, blink, pose, size=256):
 # ------------------------------------------------------------------------------------------------------------
 # Clips: generation, files, loading
 # ------------------------------------------------------------------------------------------------------------
+
+def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True):
+    """Still frames uint8 (identities * frames_per_identity, size, size, 3) of `identities` extra random
+    identities (numbers from EXTRA_IDENTITIES_START: appearance drawn like identities 0-19, never one of them),
+    with random speech mouth shapes, blinks and poses. Only the VAE trains on them: an autoencoder that sees 16
+    faces learns those faces; it has to see many to learn to compress faces it has never seen."""
+    from tqdm import tqdm
+    out = []
+    for k in tqdm(range(identities), desc="VAE identities", unit="id", disable=not progress):
+        identity = EXTRA_IDENTITIES_START + seed * 100_000 + k
+        rng = np.random.default_rng([seed, identity, 2])
+        audio, phonemes, ipa, _ = speech_clip(rng, "train", 2.0, None)
+        art = articulation(phonemes, ipa, len(audio) / SAMPLE_RATE, audio)
+        pick = np.sort(rng.choice(len(art), min(frames_per_identity, len(art)), replace=False))
+        frames, _ = render_clip(identity, art[pick], blink_track(rng, len(art))[pick],
+                                pose_track(rng, len(art), max_deg=(8.0, 6.0, 5.0), max_shift=0.04)[pick])
+        out.append(np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames]))
+        identity_texture.cache_clear()
+        _triangulation.cache_clear()
+    return np.concatenate(out)
+
 
 def pick_identity(rng, split):
     """A random identity of the split: train 0-15, test 16-19 (held out)."""

@@ -58,6 +58,24 @@ def _flag_type(default):
     return type(default)
 
 
+def field_notes(cls) -> dict:
+    """{field: its comment in the dataclass source} (comment lines that follow a field continue its note), so
+    every config flag's --help says what it does and where the idea comes from, from one place."""
+    import inspect
+    import re
+    notes, last, indent = {}, None, 0
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"(\s+)(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
+        if field:
+            indent, last = len(field.group(1)), field.group(2)
+            notes[last] = (field.group(3) or "").strip()
+        elif last and re.match(r"\s{%d,}#" % (indent + 1), line):
+            notes[last] = (notes[last] + " " + line.strip().lstrip("#").strip()).strip()
+        else:
+            last = None
+    return notes
+
+
 def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--stage", choices=STAGES, default=None)
@@ -73,6 +91,8 @@ def parse_args(argv=None):
     run.add_argument("--cache", default="cache", help="where generated data and decoded frames are cached")
     run.add_argument("--out", default=None, help="run folder (default: runs/<stage>)")
     run.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    run.add_argument("--export", default=None, metavar="PATH", help="do not train: write <out>/ckpt.pt for "
+                     "sampling only to PATH (EMA weights, no optimizer state; how checkpoints/*_tiny.pt are made)")
     run.add_argument("--vae", default=None, help="VAE checkpoint for --stage l2i (default: checkpoints/vae_tiny.pt "
                      "if present, else runs/vae/ckpt.pt)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
@@ -92,10 +112,12 @@ def parse_args(argv=None):
     except ValueError as err:
         p.error(str(err))
     model = p.add_argument_group(f"{cls.__name__} fields (defaults from preset {known.preset!r})")
+    notes = field_notes(cls)
     for f in dataclasses.fields(cls):
         default = getattr(base, f.name)
+        note = notes.get(f.name, "")
         model.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, type=_flag_type(default),
-                           default=default, help=f"default {default}")
+                           default=default, help=f"{note} (default {default})" if note else f"default {default}")
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, "cfg_" + f.name) for f in dataclasses.fields(cls)}
     args.config = cls(**overrides)
@@ -137,6 +159,16 @@ def load_frames(paths: list[str], size: int, cache: str) -> tuple[np.ndarray, np
     return np.load(f_path, mmap_mode="r"), np.load(l_path)
 
 
+def extra_identity_frames(identities: int, size: int, seed: int, cache: str) -> np.ndarray:
+    """data.appearance_frames (12 stills of each of `identities` extra random identities), cached as .npy."""
+    from data import appearance_frames
+    path = os.path.join(cache, "frames", f"identities_{identities}_{size}_{seed}.npy")
+    if not os.path.exists(path):
+        frames = appearance_frames(identities, 12, size, seed)
+        atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), frames))
+    return np.load(path)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Stages: each gives the model, a batch, the loss, held-out evaluation and a picture
 # ----------------------------------------------------------------------------------------------------------
@@ -150,7 +182,11 @@ class VAEStage:
         self.args, self.cfg, self.device = args, args.config, device
         size = self.cfg.resolution
         paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
-        frames, _ = load_frames(paths, size * (2 if self.cfg.crop_scale < 1 else 1), args.cache)
+        stored = size * (2 if self.cfg.crop_scale < 1 else 1)
+        frames, _ = load_frames(paths, stored, args.cache)
+        if self.cfg.extra_identities:
+            frames = np.concatenate([frames, extra_identity_frames(self.cfg.extra_identities, stored, args.seed,
+                                                                   args.cache)])
         self.train = FrameDataset(frames, hflip=self.cfg.hflip, colour_jitter=self.cfg.colour_jitter,
                                   natural_mix=self.cfg.natural_mix, seed=args.seed, crop_scale=self.cfg.crop_scale,
                                   size=size)
@@ -411,6 +447,9 @@ def train(args) -> str:
         ckpt = load_checkpoint(ckpt_path, args.stage)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
+        if ckpt["optimizer"] is None:
+            raise UsageError(f"{ckpt_path} is an exported checkpoint without optimizer state; resume from the "
+                             "training run's own ckpt.pt")
         opt.load_state_dict(ckpt["optimizer"])
         step, history, extra = ckpt["step"], ckpt.get("history", []), ckpt.get("extra", {})
         ema.num_updates = step
@@ -486,8 +525,19 @@ def train(args) -> str:
     return ckpt_path if rank == 0 else None
 
 
+def export(src: str, dst: str, stage: str) -> None:
+    """A sampling-only copy of a checkpoint: the EMA weights as both `model` and `ema` (stored once), no
+    optimizer state; config, step, extra and history stay, so load_model and the README numbers still work."""
+    ckpt = load_checkpoint(src, stage)
+    ckpt.update(model=ckpt["ema"], optimizer=None)
+    save_checkpoint(ckpt, dst)
+    print(f"exported {src} (step {ckpt['step']}) -> {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.export:
+        return export(os.path.join(args.out, "ckpt.pt"), args.export, args.stage)
     path = train(args)
     if path:
         print(f"saved {path}")

@@ -74,6 +74,8 @@ class VAEConfig:
     hflip: bool = True
     colour_jitter: float = 0.0            # probability of a random RGB permutation + per-channel gain (our guess:
                                           # held-out identities bring skin/hair/background colours unseen in training)
+    extra_identities: int = 0             # extra random identities rendered for the VAE only (data.appearance_frames;
+                                          # our guess: 16 faces get memorised, new faces need many faces)
     crop_scale: float = 1.0               # random resized crops: side in [crop_scale, 1] of the frame, taken from
                                           # frames stored at twice the resolution (1 = off; our guess: 16
                                           # identities are memorised whole, crops and shifts break that)

@@ -1,5 +1,6 @@
 """train.py: flags from the config dataclass, the one-dict checkpoint, resume, pictures, and user errors."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,6 +42,28 @@ def test_flags_default_to_the_preset_and_override_fields():
     args = train.parse_args(["--stage", "vae", "--preset", "paper", "--channel-mult", "1,2", "--adversarial", "false"])
     assert args.config.channel_mult == (1, 2) and args.config.adversarial is False
     assert args.config.resolution == VAEConfig.preset("paper").resolution
+
+
+def test_config_flag_help_is_the_dataclass_comment():
+    from l2i import L2IConfig
+    from vae import VAEConfig
+    notes = train.field_notes(L2IConfig)
+    assert notes["conditioning"] == '"joint_attn" | "channel"'
+    assert notes["tau_max"].startswith("shape, so the mouth must come from the landmarks")  # continued comment
+    assert train.field_notes(VAEConfig)["downsample"] == '"conv" (stride-2 3x3 conv, LDM) or "avgpool"'  # not "# loss"
+
+
+def test_export_keeps_ema_weights_and_drops_the_optimizer(clips, tmp_path):
+    path = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "1")))
+    train.export(path, str(tmp_path / "small.pt"), "vae")
+    small = load_checkpoint(str(tmp_path / "small.pt"), "vae")
+    assert small["optimizer"] is None and small["step"] == 1
+    assert all(torch.equal(small["model"][k], v) for k, v in load_checkpoint(path)["ema"].items())
+    assert os.path.getsize(tmp_path / "small.pt") < 0.5 * os.path.getsize(path)
+    with pytest.raises(UsageError, match="exported checkpoint"):
+        args = train.parse_args(run_args(clips, tmp_path, "--steps", "2", "--resume"))
+        shutil.copy(tmp_path / "small.pt", path)
+        train.train(args)
 
 
 def test_vae_run_writes_checkpoint_pictures_and_resumes(clips, tmp_path):
