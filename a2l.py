@@ -444,14 +444,15 @@ class A2L(nn.Module):
         if tuple(t.shape) != (B,):
             raise ValueError(f"t must be (B={B},), got {tuple(t.shape)}")
 
-    def forward(self, x_t, t, mel_ctx, p_bar, drop_audio=None):
+    def forward(self, x_t, t, mel_ctx, p_bar, drop_audio=None, audio=None):
         """x_t (B, L, 1434), t (B,), mel_ctx (B, L, C, 80), p_bar (B, 1434) or (B, 478, 3),
-        drop_audio (B,) bool or None -> model output (B, L, 1434) (x0 or epsilon, per prediction_type)."""
+        drop_audio (B,) bool or None -> model output (B, L, 1434) (x0 or epsilon, per prediction_type).
+        audio: audio_encoder(mel_ctx) (B, L, d) when already computed (sampling encodes a window once)."""
         if p_bar.ndim == 3:
             p_bar = p_bar.reshape(p_bar.shape[0], -1)                # (B, 1434)
         self._check_inputs(x_t, t, mel_ctx, p_bar)
         B, L, _ = x_t.shape
-        audio = self.audio_encoder(mel_ctx)                          # (B, L, d)
+        audio = self.audio_encoder(mel_ctx) if audio is None else audio  # (B, L, d)
         if drop_audio is not None:
             audio = torch.where(drop_audio.reshape(B, 1, 1), self.null_audio.to(audio.dtype), audio)
         # P̄ enters in canonical units (inter-ocular distance 1), broadcast over the window
@@ -518,13 +519,13 @@ class A2L(nn.Module):
         return loss, logs
 
     # -- sampling -----------------------------------------------------------------------------------------------
-    def _guided(self, x_t, t, mel_ctx, p_bar, guidance):
+    def _guided(self, x_t, t, mel_ctx, p_bar, guidance, audio=None):
         if guidance == 1.0:
-            return self(x_t, t, mel_ctx, p_bar, None)
+            return self(x_t, t, mel_ctx, p_bar, None, audio)
         B = x_t.shape[0]
         drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
         both = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([mel_ctx, mel_ctx]),
-                    torch.cat([p_bar, p_bar]), drop)                 # (2B, L, 1434)
+                    torch.cat([p_bar, p_bar]), drop, None if audio is None else torch.cat([audio, audio]))  # (2B, L, 1434)
         cond, uncond = both.chunk(2)
         return dreamhead.cfg_combine(cond, uncond, guidance)
 
@@ -569,11 +570,12 @@ class A2L(nn.Module):
         if prefix is not None:
             known = self.normalise(prefix.to(x), p_bar)              # (B, K, 1434)
         x0_pred = x
+        audio = self.audio_encoder(mel_ctx)                           # (B, L, d): the same at every step
         for t in sched.timesteps:
             t_vec = torch.full((B,), int(t), dtype=torch.long, device=x.device)
             if known is not None:   # hold the overlap: previous result noised to the current level
                 x[:, :known.shape[1]] = sched.add_noise(known, self._randn(known.shape, generator), t_vec)
-            out = self._guided(x, t_vec, mel_ctx, p_flat, guidance)
+            out = self._guided(x, t_vec, mel_ctx, p_flat, guidance, audio)
             x, x0_pred = sched.step(out, int(t), x, eta=eta, generator=generator)
         return x0_pred
 
