@@ -202,6 +202,9 @@ class VAEStage:
         model = AutoencoderKL(self.cfg)
         if self.cfg.adversarial:
             self.disc = PatchDiscriminator(3, self.cfg.disc_channels, self.cfg.disc_layers).to(self.device)
+            if dist.is_initialized():  # every rank starts from rank 0's discriminator (DDP does this for the model)
+                for p in self.disc.parameters():
+                    dist.broadcast(p.data, 0)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.cfg.lr, betas=self.cfg.betas)
         return model
 
@@ -220,6 +223,11 @@ class VAEStage:
         self.disc_opt.zero_grad(set_to_none=True)  # the generator term wrote gradients here
         d_loss, d_logs = discriminator_loss(model, self.disc, x, x_rec, step)
         d_loss.backward()
+        if dist.is_initialized():  # the discriminator is not inside DDP: average its gradients by hand
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
         self.disc_opt.step()
         logs.update(d_logs)
 
@@ -242,7 +250,15 @@ class VAEStage:
         """LDM's scale_by_std: latents are multiplied by 1 / std before diffusion."""
         with torch.no_grad():
             sf = model.measure_scale_factor([self.train.random_batch(32).to(self.device) for _ in range(8)])
-        return {"scale_factor": float(sf)}
+        out = {"scale_factor": float(sf)}
+        if self.disc is not None:  # so --resume continues the adversarial game instead of restarting it
+            out.update(discriminator=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
+        return out
+
+    def restore(self, extra: dict) -> None:
+        if self.disc is not None and "discriminator" in extra:
+            self.disc.load_state_dict(extra["discriminator"])
+            self.disc_opt.load_state_dict(extra["disc_optimizer"])
 
 
 class A2LStage:
@@ -452,6 +468,8 @@ def train(args) -> str:
                              "training run's own ckpt.pt")
         opt.load_state_dict(ckpt["optimizer"])
         step, history, extra = ckpt["step"], ckpt.get("history", []), ckpt.get("extra", {})
+        if hasattr(stage, "restore"):
+            stage.restore(extra)
         ema.num_updates = step
     loss_module = StageLoss(model, stage.loss)
     if world > 1:  # gradients are all-reduced only through DDP's forward, so the loss runs inside it

@@ -109,10 +109,24 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
 
 
+def test_adversarial_vae_saves_and_resumes_its_discriminator(clips, tmp_path):
+    adv = ["--adversarial", "true", "--disc-start", "1", "--disc-channels", "8", "--disc-layers", "1"]
+    path = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "2", *adv)))
+    disc = load_checkpoint(path, "vae")["extra"]["discriminator"]
+    same = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "2", "--resume", *adv)))  # no steps
+    kept = load_checkpoint(same, "vae")["extra"]["discriminator"]
+    assert all(torch.equal(kept[k], disc[k]) for k in disc)  # restored, not a fresh discriminator
+    resumed = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "4", "--resume", *adv)))
+    after = load_checkpoint(resumed, "vae")["extra"]["discriminator"]
+    assert any(not torch.equal(after[k], disc[k]) for k in disc)  # and trained on
+
+
 def test_ddp_on_cpu_with_gloo_under_torchrun(clips, tmp_path):
-    """Two processes, gloo backend: the same code path NCCL takes on GPUs."""
+    """Two processes, gloo backend: the same code path NCCL takes on GPUs, with the PatchGAN discriminator on
+    (its gradients are averaged across ranks by hand; the autoencoder's by DDP)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
-           *run_args(clips, tmp_path, "--steps", "3")]
+           *run_args(clips, tmp_path, "--steps", "3", "--adversarial", "true", "--disc-start", "1",
+                     "--disc-channels", "8", "--disc-layers", "1")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("saved ") == 1  # rank 0 alone writes the checkpoint
