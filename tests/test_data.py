@@ -130,3 +130,13 @@ def test_ensure_synthetic_generates_once(tmp_path):
     stamp = os.path.getmtime(paths[0])
     assert data.ensure_synthetic("test", clips=1, seed=1, root=str(tmp_path), size=64, workers=1) == paths
     assert os.path.getmtime(paths[0]) == stamp
+
+
+def test_appearance_frames_are_new_identities_for_the_vae():
+    frames = data.appearance_frames(2, 3, 32, seed=0, progress=False)
+    assert frames.shape == (6, 32, 32, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames, data.appearance_frames(2, 3, 32, seed=0, progress=False))
+    assert np.abs(frames[0].astype(int) - frames[3]).mean() > 10  # two identities, two looks
+    with pytest.raises(ValueError):
+        data.identity_params(data.NUM_IDENTITIES)  # clips use 0-19 only; extras start at EXTRA_IDENTITIES_START
+    assert data.identity_params(data.EXTRA_IDENTITIES_START)["photo"] in ("astronaut", "grace")

@@ -35,11 +35,13 @@ def inputs(tmp_path_factory):
     a2l = _train(root, "--stage", "a2l", "--width", "32", "--pairs", "1", "--heads", "2", "--window", "8",
                  "--overlap", "2", "--batch-size", "2", "--steps", "2", "--sample-steps", "2", "--out", str(root / "a2l"))
     vae = _train(root, "--stage", "vae", "--resolution", "32", "--base-channels", "8", "--norm-groups", "4",
-                 "--batch-size", "2", "--steps", "1", "--out", str(root / "vae"))
+                 "--extra-identities", "0", "--natural-mix", "0", "--batch-size", "2", "--steps", "1",
+                 "--out", str(root / "vae"))
     l2i = _train(root, "--stage", "l2i", "--vae", vae, "--image-size", "32", "--latent-size", "8",
                  "--batch-size", "2", "--sample-steps", "2", "--steps", "1", "--out", str(root / "l2i"))
     vae16 = _train(root, "--stage", "vae", "--resolution", "16", "--base-channels", "8", "--norm-groups", "4",
-                   "--batch-size", "2", "--steps", "1", "--out", str(root / "vae16"))
+                   "--extra-identities", "0", "--natural-mix", "0", "--batch-size", "2", "--steps", "1",
+                   "--out", str(root / "vae16"))
     clip = data.load_clip(str(root / "test" / "clip_0000.npz"))
     audio = clip["audio"].astype(np.float32) / 32768
     from scipy.signal import resample_poly

@@ -14,7 +14,8 @@ from dreamhead import UsageError, load_checkpoint, load_model, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VAE = ["--stage", "vae", "--resolution", "32", "--base-channels", "8", "--norm-groups", "4",
-            "--batch-size", "2", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]
+            "--extra-identities", "0", "--natural-mix", "0", "--batch-size", "2", "--log-every", "1",
+            "--eval-every", "2", "--save-every", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -312,3 +312,27 @@ def test_colour_jitter_permutes_and_scales_channels_only_when_picked():
             free = out[c] < 2 - 1e-6  # pixels not clipped at white
             ratios = out[c, free][None] / src[:, free].clamp_min(1e-6)  # (3 in, F)
             assert (ratios.std(-1) < 1e-3).any() and free.sum() > 3
+
+
+def test_natural_crops_are_deterministic_coloured_and_mixed_into_batches():
+    from vae import natural_crops
+    a, b = natural_crops(16, 64, seed=3), natural_crops(16, 64, seed=3)
+    assert a.shape == (64, 16, 16, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a, natural_crops(16, 64, seed=4))
+    tinted = [c for c in a if not (np.array_equal(c[..., 0], c[..., 1]) and np.array_equal(c[..., 1], c[..., 2]))]
+    assert len(tinted) == len(a)  # grayscale photos get a random tint: no crop stays gray
+    frames = np.zeros((4, 16, 16, 3), np.uint8)  # all-black frames: any non-black pixel came from a photo
+    all_photos = FrameDataset(frames, natural_mix=1.0).random_batch(8, torch.Generator().manual_seed(0))
+    no_photos = FrameDataset(frames, natural_mix=0.0).random_batch(8, torch.Generator().manual_seed(0))
+    assert (all_photos > -1).flatten(1).any(1).all() and (no_photos == -1).all()
+
+
+def test_random_crops_cut_squares_of_the_stored_frame_and_resize_them():
+    frames = np.zeros((2, 32, 32, 3), np.uint8)
+    frames[:, :, 16:] = 255  # left half black, right half white
+    full = FrameDataset(frames, size=16).random_batch(4, torch.Generator().manual_seed(0))
+    assert full.shape == (4, 3, 16, 16) and full[:, :, :, :7].max() == -1 and full[:, :, :, 9:].min() == 1
+    crops = FrameDataset(frames, crop_scale=0.25, size=16).random_batch(64, torch.Generator().manual_seed(0))
+    assert crops.shape == (64, 3, 16, 16)
+    fraction_white = (crops > 0).float().mean((1, 2, 3))
+    assert (fraction_white == 0).any() and (fraction_white == 1).any()  # small crops inside one half
