@@ -157,6 +157,8 @@ def parse_args(argv=None):
     p.add_argument("--landmarks", default=None, help="drive L2I with these landmarks instead of A2L's: a .npy "
                    "(T, 478, 3) in the face file's pixel coordinates, one per 25 fps frame")
     p.add_argument("--debug", action="store_true", help="write input | landmarks | output side by side")
+    p.add_argument("--strip", default=None, metavar="PNG", help="also save 8 evenly spaced output frames side by "
+                   "side as a PNG")
     args = p.parse_args(argv)
     if not args.out.endswith(".mp4"):
         raise UsageError(f"--out {args.out} must end in .mp4")
@@ -172,7 +174,7 @@ def main(argv=None):
     args = parse_args(argv)
     from a2l import frames_for_duration, load_audio
     from data import Mp4Writer
-    for path in [args.out] + [p for p in (args.save_landmarks,) if p]:
+    for path in [args.out] + [p for p in (args.save_landmarks, args.strip) if p]:
         check_writable(path)  # fail now, not after the work
     wave = load_audio(args.audio)  # (S,) 16 kHz mono; UsageError on missing / corrupt / empty / NaN audio
     T = frames_for_duration(len(wave))
@@ -212,6 +214,7 @@ def main(argv=None):
                            steps=args.steps, guidance=args.guidance, seed=args.seed, batch=args.batch)
     H, W = frames.shape[1:3]
     audio16 = np.clip(wave * 32767, -32768, 32767).astype(np.int16)
+    strip_at, strip = set(np.linspace(0, T - 1, min(8, T)).round().astype(int).tolist()), []
     with Mp4Writer(args.out, (H, 3 * W if args.debug else W), audio16) as video, \
             tqdm(total=T, desc="frames", unit="frame") as bar:
         done = 0
@@ -221,9 +224,14 @@ def main(argv=None):
                 i = done + len(out)
                 frame = paste(frames[src[i]], box_t[i], g, boxes[i])
                 out.append(debug_frame(frames[src[i]], P_img[i], frame) if args.debug else frame)
+                if i in strip_at:
+                    strip.append(out[-1])
             video.write(np.stack(out))
             done += len(out)
             bar.update(len(out))
+    if args.strip:
+        ok, png = cv2.imencode(".png", np.concatenate(strip, axis=1)[..., ::-1])
+        atomic_write(args.strip, lambda tmp: open(tmp, "wb").write(png.tobytes()))
     print(f"wrote {args.out}: {T} frames at 25 fps for {len(wave) / 16000:.2f} s of audio")
 
 
