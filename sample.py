@@ -157,8 +157,8 @@ def parse_args(argv=None):
     p.add_argument("--landmarks", default=None, help="drive L2I with these landmarks instead of A2L's: a .npy "
                    "(T, 478, 3) in the face file's pixel coordinates, one per 25 fps frame")
     p.add_argument("--debug", action="store_true", help="write input | landmarks | output side by side")
-    p.add_argument("--strip", default=None, metavar="PNG", help="also save 8 evenly spaced output frames side by "
-                   "side as a PNG")
+    p.add_argument("--strip", default=None, metavar="PNG", help="also save 8 evenly spaced output frames as a PNG "
+                   "(two rows of four)")
     args = p.parse_args(argv)
     if not args.out.endswith(".mp4"):
         raise UsageError(f"--out {args.out} must end in .mp4")
@@ -229,8 +229,10 @@ def main(argv=None):
             video.write(np.stack(out))
             done += len(out)
             bar.update(len(out))
-    if args.strip:
-        ok, png = cv2.imencode(".png", np.concatenate(strip, axis=1)[..., ::-1])
+    if args.strip:  # two rows of four
+        rows = [np.concatenate(strip[k:k + 4] + [np.zeros_like(strip[0])] * (4 - len(strip[k:k + 4])), axis=1)
+                for k in range(0, len(strip), 4)]
+        ok, png = cv2.imencode(".png", np.concatenate(rows, axis=0)[..., ::-1])
         atomic_write(args.strip, lambda tmp: open(tmp, "wb").write(png.tobytes()))
     print(f"wrote {args.out}: {T} frames at 25 fps for {len(wave) / 16000:.2f} s of audio")
 

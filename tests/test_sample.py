@@ -94,7 +94,7 @@ def test_driving_video_is_looped_to_the_audio_and_debug_shows_three_panels(input
     out, strip = str(tmp_path / "dub.mp4"), str(tmp_path / "strip.png")
     proc = run(inputs, inputs["wav"], inputs["video"], out, "--debug", "--strip", strip)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert cv2.imread(strip).shape == (128, 8 * 3 * 128, 3)
+    assert cv2.imread(strip).shape == (2 * 128, 4 * 3 * 128, 3)
     frames = data.read_frames(out)
     assert frames.shape == (math.ceil(inputs["seconds"] * 25), 128, 3 * 128, 3)  # 25 video frames, more out
     video = data.read_frames(inputs["video"])
