@@ -189,9 +189,11 @@ def _named(specs: list[str]) -> dict:
 
 def print_rows(rows: dict) -> None:
     keys = list(next(iter(rows.values())))
-    print(f"{'':<22}" + "".join(f"{k:>18}" for k in keys))
+    widths = [max(len(k), 8) + 2 for k in keys]
+    print(f"{'':<16}" + "".join(f"{k:>{w}}" for k, w in zip(keys, widths)))
     for name, r in rows.items():
-        print(f"{name:<22}" + "".join(f"{r[k]:>18.3f}" if isinstance(r[k], float) else f"{r[k]:>18}" for k in keys))
+        print(f"{name:<16}" + "".join(f"{r[k]:>{w}.3f}" if isinstance(r[k], float) else f"{r[k]:>{w}}"
+                                      for k, w in zip(keys, widths)))
 
 
 def main_vae(args) -> dict:
