@@ -90,6 +90,22 @@ def test_photo_gives_h264_aac_mp4_with_every_frame_and_the_same_video_for_the_sa
     assert np.abs(frames[:, :30].astype(int) - face[None, :30]).mean() < 3
 
 
+@pytest.mark.parametrize("kind", ["gray_jpg", "rgba_png"])
+def test_grayscale_or_rgba_photos_of_any_aspect_ratio_work(inputs, tmp_path, kind):
+    face = cv2.imread(inputs["face"])
+    wide = cv2.copyMakeBorder(face, 0, 1, 40, 37, cv2.BORDER_REPLICATE)  # 129 x 205: odd sizes, not square
+    if kind == "gray_jpg":
+        path = str(tmp_path / "face.jpg")
+        cv2.imwrite(path, cv2.cvtColor(wide, cv2.COLOR_BGR2GRAY))
+    else:
+        path = str(tmp_path / "face.png")
+        cv2.imwrite(path, cv2.cvtColor(wide, cv2.COLOR_BGR2BGRA))
+    out = str(tmp_path / "out.mp4")
+    proc = run(inputs, inputs["wav"], path, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert data.read_frames(out).shape[1:] == (128, 204, 3)  # even sizes for yuv420p (rounded)
+
+
 def test_driving_video_is_looped_to_the_audio_and_debug_shows_three_panels(inputs, tmp_path):
     out, strip = str(tmp_path / "dub.mp4"), str(tmp_path / "strip.png")
     proc = run(inputs, inputs["wav"], inputs["video"], out, "--debug", "--strip", strip)
