@@ -336,12 +336,16 @@ class AdaLayerNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 def run_cli(main) -> None:
-    """Run a CLI entry point; a UsageError becomes one line on stderr and exit code 2 (no traceback)."""
+    """Run a CLI entry point; a UsageError becomes one line on stderr and exit code 2 (no traceback), Ctrl-C
+    outside a training loop (which saves a checkpoint itself) one line and exit code 130."""
     try:
         main()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def temp_beside(path: str, suffix: str = ".tmp") -> str:
