@@ -141,7 +141,8 @@ def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, batch: int = 64) ->
 
 
 @torch.no_grad()
-def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0) -> dict:
+def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0,
+                 guidance=None) -> dict:
     """Render every `every`-th frame of the held-out items (an l2i.L2ILatents with train=False frames) from its
     true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; MediaPipe opening."""
     from l2i import to_uint8_image
@@ -155,7 +156,7 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
     for start in range(0, len(idx), batch):
         items = [latents[i] for i in idx[start:start + batch]]
         cond = torch.utils.data.default_collate(items)
-        z0 = model.sample(cond, steps=steps, z_T=z_T)  # (b, C, h, w)
+        z0 = model.sample(cond, steps=steps, guidance=guidance, z_T=z_T)  # (b, C, h, w)
         gen_all.append(vae.decode_latents(z0).clamp(-1, 1))
         rec_all.append(vae.decode_latents(cond["z0"]).clamp(-1, 1))
         for it in items:
@@ -218,7 +219,8 @@ def main_l2i(args) -> dict:
         if key not in datasets:
             frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand)
             datasets[key] = L2ILatents(frames, vae)
-        rows[name], gen = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed)
+        rows[name], gen = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed,
+                                       guidance=args.guidance)
         print(name, rows[name], flush=True)
     return rows
 
@@ -277,6 +279,8 @@ def main(argv=None):
         q.add_argument("--clips", type=int, default=20, help="synthetic held-out clips")
         q.add_argument("--json", default=None, help="write the metrics here")
     for q in (i,):
+        q.add_argument("--guidance", type=float, default=None, help="classifier-free guidance on the landmarks "
+                       "(default: the config's)")
         q.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the config's)")
         q.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("a2l", help="lip LMD, mouth-opening correlation and jitter on held-out clips")
