@@ -44,7 +44,7 @@ from scipy.signal import lfilter, resample_poly
 from scipy.spatial import Delaunay
 
 import landmarks
-from dreamhead import UsageError, atomic_write, run_cli, temp_beside
+from dreamhead import UsageError, atomic_write, run_cli, save_png, temp_beside
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -1127,8 +1127,7 @@ def contact_sheet(out, video=None, size=256, seed=7, cell_px=192):
         cells.append(cv2.resize(cell, (cell_px * 2, cell_px), interpolation=cv2.INTER_AREA))
     rows = [np.concatenate(cells[i:i + 2], 1) for i in range(0, 8, 2)]
     sheet = np.concatenate(rows, 0)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    atomic_write(out, lambda tmp: open(tmp, "wb").write(png.tobytes()))
+    save_png(out, sheet)
     if video:
         clip = make_clip(seed, 0, "train", size, seconds=3.0)
         drawn = np.stack([landmarks.draw_landmark_image(m[:, :2], size) for m in clip["landmarks"]])
@@ -1145,8 +1144,7 @@ def example(out="examples"):
     import soundfile
     clip = make_clip(**EXAMPLE)
     os.makedirs(out, exist_ok=True)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(clip["frames"][0], cv2.COLOR_RGB2BGR))
-    atomic_write(os.path.join(out, "face.png"), lambda tmp: open(tmp, "wb").write(png.tobytes()))
+    save_png(os.path.join(out, "face.png"), clip["frames"][0])
     atomic_write(os.path.join(out, "speech.wav"),
                  lambda tmp: soundfile.write(tmp, clip["audio"], SAMPLE_RATE, subtype="PCM_16", format="WAV"))
     atomic_write(os.path.join(out, "truth.npz"), lambda tmp: np.savez_compressed(

@@ -383,6 +383,15 @@ def atomic_write(path: str, write_fn) -> None:
             os.remove(tmp)
 
 
+def save_png(path: str, image: np.ndarray) -> None:
+    """Write an RGB uint8 image (H, W, 3) as a PNG, atomically."""
+    import cv2
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # RGB -> BGR for OpenCV
+    if not ok:
+        raise ValueError(f"cannot encode an image of shape {image.shape} as PNG")
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(png.tobytes()))
+
+
 def save_checkpoint(ckpt: dict, path: str) -> None:
     """Write the one-dict checkpoint {stage, config, model, ema, optimizer, step, ...} atomically."""
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))

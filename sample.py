@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import landmarks
-from dreamhead import DreamHead, UsageError, atomic_write, check_writable, pick_device, run_cli
+from dreamhead import DreamHead, UsageError, atomic_write, check_writable, pick_device, run_cli, save_png
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -232,8 +232,7 @@ def main(argv=None):
     if args.strip:  # two rows of four
         rows = [np.concatenate(strip[k:k + 4] + [np.zeros_like(strip[0])] * (4 - len(strip[k:k + 4])), axis=1)
                 for k in range(0, len(strip), 4)]
-        ok, png = cv2.imencode(".png", np.concatenate(rows, axis=0)[..., ::-1])
-        atomic_write(args.strip, lambda tmp: open(tmp, "wb").write(png.tobytes()))
+        save_png(args.strip, np.concatenate(rows, axis=0))
     print(f"wrote {args.out}: {T} frames at 25 fps for {len(wave) / 16000:.2f} s of audio")
 
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dreamhead import EMA, UsageError, atomic_write, load_checkpoint, lr_at, pick_device, run_cli, save_checkpoint
+from dreamhead import (EMA, UsageError, atomic_write, load_checkpoint, lr_at, pick_device, run_cli, save_checkpoint,
+                       save_png)
 
 STAGES = ("vae", "a2l", "l2i")
 RUN_FLAGS_HELP = "run flags (not part of the model config)"
@@ -392,12 +393,6 @@ def stage_runner(args, device):
 # ----------------------------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------------------------
-
-def save_png(path: str, image: np.ndarray) -> None:
-    import cv2
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # RGB -> BGR for OpenCV
-    atomic_write(path, lambda tmp: open(tmp, "wb").write(png.tobytes()))
-
 
 def plot_history(history: list[dict], path: str) -> None:
     import matplotlib
