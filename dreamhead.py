@@ -546,7 +546,7 @@ class DreamHead:
         ref_P_canon (478, 3): the reference pair, encoded once for the whole video.
         The same seed gives the same frames whatever the batch size (one starting noise for every frame)."""
         import landmarks
-        from l2i import encode_conditions, landmark_image, to_tensor_image
+        from l2i import encode_conditions, landmark_image, to_tensor_image, to_uint8_image
         size, T = self.size, len(P_canon)
         if crops.shape[1:] != (size, size, 3) or len(source) != T or len(boxes) != T:
             raise ValueError(f"need crops (N, {size}, {size}, 3), source ({T},) and boxes ({T}, 4), got "
@@ -565,5 +565,4 @@ class DreamHead:
             cond = {**reference, **encode_conditions(self.vae, {"mask": to_tensor_image(masked),
                                                                  "lmk": to_tensor_image(lmk)})}
             z0 = self.l2i.sample(cond, steps=steps, guidance=guidance, generator=gen, z_T=z_T)  # (b, C, h, w)
-            frames = self.vae.decode_latents(z0).clamp(-1, 1)  # (b, 3, size, size)
-            yield ((frames + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).cpu().numpy()  # (b, S, S, 3)
+            yield to_uint8_image(self.vae.decode_latents(z0))  # (b, size, size, 3)

@@ -145,7 +145,7 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
                  guidance=None) -> dict:
     """Render every `every`-th frame of the held-out items (an l2i.L2ILatents with train=False frames) from its
     true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; MediaPipe opening."""
-    from l2i import to_uint8_image
+    from l2i import to_tensor_image, to_uint8_image
     from vae import psnr
     frames = latents.frames
     idx = list(range(0, len(latents), every))
@@ -166,9 +166,8 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
             P = clip["P_px"][it["frame"]]
             opening.append(landmarks.mouth_opening(P) / landmarks.inter_ocular(P))
         mouth_all.append(cond["mouth"])
-    to_t = lambda a: torch.from_numpy(np.stack(a)).float().div(127.5).sub(1).movedim(-1, 1)  # (N, 3, S, S)
     gen, rec, mouth = torch.cat(gen_all), torch.cat(rec_all), torch.cat(mouth_all)
-    truth, ref = to_t(truth_all), to_t(ref_all)
+    truth, ref = to_tensor_image(np.stack(truth_all)), to_tensor_image(np.stack(ref_all))  # (N, 3, S, S)
     opening = np.array(opening)
     measured = measured_opening(to_uint8_image(gen))
     measured_truth = measured_opening(np.stack(truth_all))
@@ -179,7 +178,7 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
             "psnr": psnr(gen, truth),
             "opening_corr": _nan_corr(measured, opening),
             "detected": float(np.isfinite(measured).mean()),
-            "opening_corr_truth_frames": _nan_corr(measured_truth, opening)}, to_uint8_image(gen)
+            "opening_corr_truth_frames": _nan_corr(measured_truth, opening)}
 
 
 def _named(specs: list[str]) -> dict:
@@ -219,8 +218,8 @@ def main_l2i(args) -> dict:
         if key not in datasets:
             frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand)
             datasets[key] = L2ILatents(frames, vae)
-        rows[name], gen = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed,
-                                       guidance=args.guidance)
+        rows[name] = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed,
+                                  guidance=args.guidance)
         print(name, rows[name], flush=True)
     return rows
 

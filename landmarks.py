@@ -265,29 +265,36 @@ def fill_gaps(P: np.ndarray, found: np.ndarray, max_gap: int = 5) -> tuple[np.nd
 
 
 def smooth_landmarks(P: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over time (axis -3) of (...,T,478,3) landmarks; window odd, 0/1 = off.
+    """Centred moving average over time (axis -3) of (...,T,478,3) landmarks; window odd, 0/1 = off
+    (see `moving_average`)."""
+    P = _check_points(P)
+    if P.ndim < 3:
+        raise ValueError(f"smooth_landmarks expects (..., T, {NUM_LANDMARKS}, 3), got {P.shape}")
+    return moving_average(P, window, axis=-3)
+
+
+def moving_average(X: np.ndarray, window: int, axis: int = 0) -> np.ndarray:
+    """Centred moving average of any array along `axis` (time); window odd, 0/1 = off.
 
     Near the ends the window shrinks symmetrically (half-width min(window//2, t, T-1-t)), so the length
     stays T, no padding values are invented, and linear motion is kept exactly (the first and last frames
     are left as they are).
     """
-    P = _check_points(P)
-    if P.ndim < 3:
-        raise ValueError(f"smooth_landmarks expects (..., T, {NUM_LANDMARKS}, 3), got {P.shape}")
+    X = np.asarray(X)
     if window in (0, 1):
-        return P.copy()
+        return X.copy()
     if window < 0 or window % 2 == 0:
         raise ValueError(f"smoothing window must be an odd positive number (or 0/1 = off), got {window}")
     half = window // 2
-    T = P.shape[-3]
-    X = np.moveaxis(np.asarray(P, dtype=np.float64), -3, 0)  # (T, ..., 478, 3)
-    csum = np.concatenate([np.zeros_like(X[:1]), np.cumsum(X, axis=0)])  # (T+1, ..., 478, 3)
+    Y = np.moveaxis(np.asarray(X, dtype=np.float64), axis, 0)  # (T, ...)
+    T = len(Y)
+    csum = np.concatenate([np.zeros_like(Y[:1]), np.cumsum(Y, axis=0)])  # (T+1, ...)
     t = np.arange(T)
     half_t = np.minimum(np.minimum(t, T - 1 - t), half)  # symmetric window, shrunk at the ends
     lo, hi = t - half_t, t + half_t + 1
-    count = (hi - lo).reshape((T,) + (1,) * (X.ndim - 1))
-    out = (csum[hi] - csum[lo]) / count  # (T, ..., 478, 3)
-    return np.moveaxis(out, 0, -3).astype(P.dtype)
+    count = (hi - lo).reshape((T,) + (1,) * (Y.ndim - 1))
+    out = (csum[hi] - csum[lo]) / count  # (T, ...)
+    return np.moveaxis(out, 0, axis).astype(X.dtype)
 
 
 def detect_video(frames, max_gap: int = 5, smooth: int = 0, progress: bool = False,

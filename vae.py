@@ -556,20 +556,20 @@ def natural_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
     (no download), at random scales; grayscale photos get a random tint so every colour is covered."""
     import skimage.data
     rng = np.random.default_rng(seed)
-    photos = []
+    photos = []  # (RGB image, whether it was grayscale)
     for name in NATURAL_IMAGES:
         img = np.asarray(getattr(skimage.data, name)())
         if img.dtype == bool:
             img = img.astype(np.uint8) * 255
-        photos.append(np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img[..., :3])
+        photos.append((np.repeat(img[..., None], 3, -1), True) if img.ndim == 2 else (img[..., :3], False))
     out = np.empty((count, size, size, 3), np.uint8)
     for k in range(count):
-        img = photos[rng.integers(len(photos))]
+        img, gray = photos[rng.integers(len(photos))]
         h, w = img.shape[:2]
         side = int(rng.integers(min(size, h, w) // 2, min(h, w) + 1))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         crop = cv2.resize(img[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
-        tint = rng.uniform(0.3, 1.0, 3) if img[..., 0].tobytes() == img[..., 1].tobytes() else np.ones(3)
+        tint = rng.uniform(0.3, 1.0, 3) if gray else np.ones(3)
         out[k] = np.clip(crop * tint, 0, 255).astype(np.uint8)
     return out
 
