@@ -131,20 +131,27 @@ def _nan_corr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, batch: int = 64) -> dict:
-    """PSNR (dB) of E -> D reconstructions over the frame and inside the mouth box, (N, S, S, 3) uint8 frames."""
+def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, batch: int = 64) -> dict:
+    """PSNR (dB) of E -> D reconstructions over the frame and inside the mouth box, (N, S, S, 3) uint8 frames;
+    with the true openings (N,) also how well MediaPipe's opening on the reconstructions follows them (the
+    ceiling of the L2I's opening correlation: L2I renders through this decoder)."""
+    from l2i import to_uint8_image
     from vae import FrameDataset, psnr
     x = FrameDataset.to_tensor(np.asarray(frames))  # (N, 3, S, S)
     rec = torch.cat([vae.decode(vae.encode(b).mode()) for b in x.split(batch)]).clamp(-1, 1)
     m = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # (N, 1, S, S)
-    return {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
+    row = {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
+    if opening is not None:
+        row["opening_corr"] = _nan_corr(measured_opening(to_uint8_image(rec)), np.asarray(opening))
+    return row
 
 
 @torch.no_grad()
 def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0,
                  guidance=None) -> dict:
     """Render every `every`-th frame of the held-out items (an l2i.L2ILatents with train=False frames) from its
-    true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; MediaPipe opening."""
+    true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; the MediaPipe opening
+    measured on the generated, the true and the VAE-reconstructed frames (the last two bound what L2I can reach)."""
     from l2i import to_tensor_image, to_uint8_image
     from vae import psnr
     frames = latents.frames
@@ -171,6 +178,7 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
     opening = np.array(opening)
     measured = measured_opening(to_uint8_image(gen))
     measured_truth = measured_opening(np.stack(truth_all))
+    measured_vae = measured_opening(to_uint8_image(rec))
     return {"frames": len(idx),
             "psnr_mouth": psnr(gen, truth, mask=mouth),
             "psnr_mouth_copy_ref": psnr(ref, truth, mask=mouth),
@@ -178,7 +186,8 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
             "psnr": psnr(gen, truth),
             "opening_corr": _nan_corr(measured, opening),
             "detected": float(np.isfinite(measured).mean()),
-            "opening_corr_truth_frames": _nan_corr(measured_truth, opening)}
+            "opening_corr_truth_frames": _nan_corr(measured_truth, opening),
+            "opening_corr_vae": _nan_corr(measured_vae, opening)}
 
 
 def _named(specs: list[str]) -> dict:
@@ -202,7 +211,8 @@ def main_vae(args) -> dict:
     size = vae.cfg.resolution
     frames, P = load_frames(clip_paths(args.data, "test", args.clips), size, "cache")
     masks = np.stack([landmarks.mouth_mask(p, (size, size)) for p in P])
-    return {"vae": evaluate_vae(vae, frames, masks)}
+    opening = np.array([landmarks.mouth_opening(p) / landmarks.inter_ocular(p) for p in P])
+    return {"vae": evaluate_vae(vae, frames, masks, opening)}
 
 
 def main_l2i(args) -> dict:
