@@ -179,12 +179,16 @@ class VAEStage:
 
     def __init__(self, args, device):
         import landmarks
-        from vae import FrameDataset
+        from vae import FrameDataset, mouth_weight_map
         self.args, self.cfg, self.device = args, args.config, device
         size = self.cfg.resolution
         paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
         stored = size * (2 if self.cfg.crop_scale < 1 else 1)
-        frames, _ = load_frames(paths, stored, args.cache)
+        frames, P = load_frames(paths, stored, args.cache)
+        self.pixel_weight = None
+        if self.cfg.mouth_weight != 1.0:  # the mouth's place in the aligned crops, from 1,000 training frames
+            some = P[np.linspace(0, len(P) - 1, min(1000, len(P))).astype(int)] * (size / stored)
+            self.pixel_weight = mouth_weight_map(some, size, self.cfg.mouth_weight).to(device)
         if self.cfg.extra_identities:
             frames = np.concatenate([frames, extra_identity_frames(self.cfg.extra_identities, stored, args.seed,
                                                                    args.cache)])
@@ -215,8 +219,8 @@ class VAEStage:
     def loss(self, model, x, step):
         from vae import vae_loss
         if self.disc is None:
-            return vae_loss(model, x, None, step)
-        loss, logs, x_rec = vae_loss(model, x, self.disc, step, return_rec=True)
+            return vae_loss(model, x, None, step, pixel_weight=self.pixel_weight)
+        loss, logs, x_rec = vae_loss(model, x, self.disc, step, return_rec=True, pixel_weight=self.pixel_weight)
         return loss, logs, lambda: self._disc_step(model, x, x_rec, step, logs)
 
     def _disc_step(self, model, x, x_rec, step, logs):

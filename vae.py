@@ -60,6 +60,9 @@ class VAEConfig:
     # loss
     kl_weight: float = 1e-6               # on the LDM scale: KL summed over latent dims vs L1 summed over pixels
     edge_weight: float = 0.0              # L1 on Sobel gradients (cheap stand-in for LPIPS; our guess)
+    mouth_weight: float = 1.0             # L1 weight 1 + (w - 1) * p(x, y), p = how often pixel (x, y) lies in the
+                                          # mouth box over the aligned training crops (our guess: L2I renders only
+                                          # the mouth through this decoder; 1 = plain L1)
     adversarial: bool = False
     disc_weight: float = 0.5
     disc_start: int = 50001               # step at which the adversarial loss switches on
@@ -428,21 +431,22 @@ def _adaptive_disc_weight(rec_loss, g_loss, last_layer: torch.Tensor, disc_weigh
 
 
 def vae_loss(model: AutoencoderKL, x: torch.Tensor, disc: PatchDiscriminator | None = None, step: int = 0,
-             return_rec: bool = False):
+             return_rec: bool = False, pixel_weight: torch.Tensor | None = None):
     """Autoencoder objective for one batch x (B, 3, H, W) in [-1, 1]; returns (loss, logs).
 
-    loss = mean |x - x_rec| + edge_weight * mean |sobel(x) - sobel(x_rec)|
+    loss = mean w |x - x_rec| / mean w + edge_weight * mean |sobel(x) - sobel(x_rec)|
            + kl_weight * mean_b KL_b / (3 H W)            (KL_b summed over latent dims)
            + d_weight * (-mean D(x_rec))                  (only with cfg.adversarial, disc, step >= disc_start)
     Dividing the KL by the number of pixel values keeps LDM's meaning of kl_weight (LDM sums the L1 over
     pixels and the KL over latent dims). d_weight is LDM's adaptive weight times disc_weight. The
     generator term also writes gradients into `disc`: zero them before the discriminator's own step.
-    logs holds floats. With return_rec=True the result is (loss, logs, x_rec.detach()), so the
+    w is pixel_weight (1, 1, H, W) (mouth_weight_map), or 1. logs holds floats. With return_rec=True the result is (loss, logs, x_rec.detach()), so the
     discriminator step can reuse the reconstruction instead of running the autoencoder again.
     """
     cfg = model.cfg
     x_rec, posterior = model(x, sample_posterior=True)
-    rec = (x - x_rec).abs().mean()
+    rec = (x - x_rec).abs()  # (B, 3, H, W)
+    rec = rec.mean() if pixel_weight is None else (rec * pixel_weight).mean() / pixel_weight.mean()
     edge = (sobel_edges(x) - sobel_edges(x_rec)).abs().mean() if cfg.edge_weight > 0 else x.new_zeros(())
     rec_total = rec + cfg.edge_weight * edge
     kl = posterior.kl().mean()
@@ -458,6 +462,14 @@ def vae_loss(model: AutoencoderKL, x: torch.Tensor, disc: PatchDiscriminator | N
         logs.update(g_loss=g_loss.item(), d_weight=float(d_weight))
     logs["loss"] = loss.item()
     return (loss, logs, x_rec.detach()) if return_rec else (loss, logs)
+
+
+def mouth_weight_map(P_px: np.ndarray, size: int, mouth_weight: float) -> torch.Tensor:
+    """(1, 1, size, size) L1 weights 1 + (mouth_weight - 1) * p, where p is the fraction of the faces P_px
+    (N, 478, 2|3), in pixels of size x size crops, whose mouth box covers each pixel (see VAEConfig.mouth_weight)."""
+    import landmarks
+    p = np.mean([landmarks.mouth_mask(P, (size, size)) for P in P_px], axis=0)  # (size, size)
+    return 1.0 + (mouth_weight - 1.0) * torch.from_numpy(p.astype(np.float32))[None, None]
 
 
 def discriminator_loss(model: AutoencoderKL, disc: PatchDiscriminator, x: torch.Tensor,

@@ -68,10 +68,10 @@ def test_export_keeps_ema_weights_and_drops_the_optimizer(clips, tmp_path):
 
 
 def test_vae_run_writes_checkpoint_pictures_and_resumes(clips, tmp_path):
-    path = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "2")))
+    path = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "2", "--mouth-weight", "3")))
     ckpt = load_checkpoint(path, "vae")
     assert {"stage", "config", "model", "ema", "optimizer", "step", "extra", "history"} <= set(ckpt)
-    assert ckpt["step"] == 2 and ckpt["config"]["resolution"] == 32
+    assert ckpt["step"] == 2 and ckpt["config"]["resolution"] == 32 and ckpt["config"]["mouth_weight"] == 3
     assert ckpt["extra"]["scale_factor"] > 0
     evals = [h for h in ckpt["history"] if h["kind"] == "eval"]
     assert evals and np.isfinite(evals[-1]["psnr"])

@@ -8,7 +8,7 @@ import torch
 
 
 from vae import (AutoencoderKL, DiagonalGaussian, FrameDataset, PatchDiscriminator, VAEConfig,
-                 discriminator_loss, psnr, sobel_edges, to_uint8, vae_loss)
+                 discriminator_loss, mouth_weight_map, psnr, sobel_edges, to_uint8, vae_loss)
 
 
 def small_cfg(**kw):
@@ -173,6 +173,34 @@ def test_vae_loss_composition():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert model.encoder.conv_in.weight.grad is not None
+
+
+def test_pixel_weight_is_a_weighted_mean_of_the_l1_error():
+    model = AutoencoderKL(small_cfg(kl_weight=0.0))
+    x = smooth_images(2, 32)
+
+    def rec_loss(weight):  # the same posterior sample each time
+        torch.manual_seed(1)
+        return vae_loss(model, x, pixel_weight=weight)[1]["rec"]
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        err = (x - model(x, sample_posterior=True)[0]).abs().mean((0, 1))  # (32, 32)
+    w = torch.ones(1, 1, 32, 32)
+    w[..., :8, :] = 5.0  # the top rows count five times
+    assert rec_loss(None) == pytest.approx(float(err.mean()), rel=1e-4)
+    assert rec_loss(torch.full((1, 1, 32, 32), 3.0)) == pytest.approx(rec_loss(None), rel=1e-4)
+    assert rec_loss(w) == pytest.approx(float((err * w[0, 0]).sum() / w.sum()), rel=1e-4)
+
+
+def test_mouth_weight_map_marks_where_the_mouth_boxes_lie():
+    import data
+    P = data.make_clip(0, 0, "train", size=64, seconds=1.0)["landmarks"]  # (T, 478, 3) in 64 px
+    w = mouth_weight_map(P, 64, 4.0)[0, 0]  # (64, 64)
+    mouth = P[:, 13, :2].mean(0).round().astype(int)  # upper inner lip
+    assert w.shape == (64, 64) and float(w.min()) == 1.0 and float(w.max()) <= 4.0
+    assert float(w[mouth[1], mouth[0]]) == pytest.approx(4.0) and float(w[5, 5]) == 1.0
+    assert torch.equal(mouth_weight_map(P, 64, 1.0), torch.ones(1, 1, 64, 64))
 
 
 def test_sobel_edges():
