@@ -130,11 +130,25 @@ def _nan_corr(a: np.ndarray, b: np.ndarray) -> float:
     return _corr(a[ok], b[ok]) if ok.sum() > 2 else float("nan")
 
 
+def _corr_by_identity(measured: np.ndarray, opening: np.ndarray, identity) -> dict:
+    """{"opening_corr_id<k>": correlation over identity k's frames} (identity: (N,) ints, or None -> {})."""
+    if identity is None:
+        return {}
+    identity = np.asarray(identity)
+    return {f"opening_corr_id{k}": _nan_corr(measured[identity == k], opening[identity == k])
+            for k in np.unique(identity)}
+
+
+def clip_identities(paths: list[str]) -> list[int]:
+    """The identity number stored in each clip's npz (data.py format)."""
+    return [int(np.load(p)["identity"]) for p in paths]
+
+
 @torch.no_grad()
-def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, batch: int = 64) -> dict:
+def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, identity=None, batch: int = 64) -> dict:
     """PSNR (dB) of E -> D reconstructions over the frame and inside the mouth box, (N, S, S, 3) uint8 frames;
     with the true openings (N,) also how well MediaPipe's opening on the reconstructions follows them (the
-    ceiling of the L2I's opening correlation: L2I renders through this decoder)."""
+    ceiling of the L2I's opening correlation: L2I renders through this decoder), per identity (N,) if given."""
     from l2i import to_uint8_image
     from vae import FrameDataset, psnr
     x = FrameDataset.to_tensor(np.asarray(frames))  # (N, 3, S, S)
@@ -142,21 +156,24 @@ def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, batch
     m = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # (N, 1, S, S)
     row = {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
     if opening is not None:
-        row["opening_corr"] = _nan_corr(measured_opening(to_uint8_image(rec)), np.asarray(opening))
+        measured, opening = measured_opening(to_uint8_image(rec)), np.asarray(opening)
+        row["opening_corr"] = _nan_corr(measured, opening)
+        row.update(_corr_by_identity(measured, opening, identity))
     return row
 
 
 @torch.no_grad()
 def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0,
-                 guidance=None) -> dict:
+                 guidance=None, identities=None) -> dict:
     """Render every `every`-th frame of the held-out items (an l2i.L2ILatents with train=False frames) from its
     true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; the MediaPipe opening
-    measured on the generated, the true and the VAE-reconstructed frames (the last two bound what L2I can reach)."""
+    measured on the generated, the true and the VAE-reconstructed frames (the last two bound what L2I can reach);
+    with `identities` (one int per clip) the generated frames' correlation per identity too."""
     from l2i import to_tensor_image, to_uint8_image
     from vae import psnr
     frames = latents.frames
     idx = list(range(0, len(latents), every))
-    gen_all, truth_all, ref_all, rec_all, mouth_all, opening = [], [], [], [], [], []
+    gen_all, truth_all, ref_all, rec_all, mouth_all, opening, clip_of = [], [], [], [], [], [], []
     cfg = model.cfg
     z_T = torch.randn((1, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
                       generator=torch.Generator().manual_seed(seed))
@@ -172,6 +189,7 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
             ref_all.append(clip["frames"][it["ref_frame"]])
             P = clip["P_px"][it["frame"]]
             opening.append(landmarks.mouth_opening(P) / landmarks.inter_ocular(P))
+            clip_of.append(it["clip"])
         mouth_all.append(cond["mouth"])
     gen, rec, mouth = torch.cat(gen_all), torch.cat(rec_all), torch.cat(mouth_all)
     truth, ref = to_tensor_image(np.stack(truth_all)), to_tensor_image(np.stack(ref_all))  # (N, 3, S, S)
@@ -187,7 +205,8 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
             "opening_corr": _nan_corr(measured, opening),
             "detected": float(np.isfinite(measured).mean()),
             "opening_corr_truth_frames": _nan_corr(measured_truth, opening),
-            "opening_corr_vae": _nan_corr(measured_vae, opening)}
+            "opening_corr_vae": _nan_corr(measured_vae, opening),
+            **_corr_by_identity(measured, opening, None if identities is None else np.asarray(identities)[clip_of])}
 
 
 def _named(specs: list[str]) -> dict:
@@ -209,10 +228,14 @@ def main_vae(args) -> dict:
     from train import clip_paths, load_frames
     vae = load_model(args.ckpt, "vae")
     size = vae.cfg.resolution
-    frames, P = load_frames(clip_paths(args.data, "test", args.clips), size, "cache")
+    paths = clip_paths(args.data, "test", args.clips)
+    frames, P = load_frames(paths, size, "cache")
     masks = np.stack([landmarks.mouth_mask(p, (size, size)) for p in P])
     opening = np.array([landmarks.mouth_opening(p) / landmarks.inter_ocular(p) for p in P])
-    return {"vae": evaluate_vae(vae, frames, masks, opening)}
+    lengths = [len(np.load(p)["landmarks"]) for p in paths]
+    identity = np.repeat(clip_identities(paths), lengths)
+    identity = identity if len(identity) == len(P) else None  # a video shorter than its landmarks: no split
+    return {"vae": evaluate_vae(vae, frames, masks, opening, identity)}
 
 
 def main_l2i(args) -> dict:
@@ -229,7 +252,7 @@ def main_l2i(args) -> dict:
             frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand)
             datasets[key] = L2ILatents(frames, vae)
         rows[name] = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed,
-                                  guidance=args.guidance)
+                                  guidance=args.guidance, identities=clip_identities(paths))
         print(name, rows[name], flush=True)
     return rows
 

@@ -115,13 +115,14 @@ class VAEConfig:
     @classmethod
     def preset(cls, name: str) -> "VAEConfig":
         presets = {
-            # 64 px -> 4x16x16, 0.95 M params, ~0.5 s/step at batch 8 on one core (29 min for 3000 steps).
+            # 64 px -> 4x16x16, 0.95 M params, ~0.5 s/step at batch 8 on one core (83 min for 9000 steps).
             # Held-out synthetic identities (evaluate.py vae, 3112 frames): 20.0 dB trained on the 16 training
             # identities alone; 23.9 dB with colour jitter and photo crops (4000 steps); 25.7 dB adding 400
-            # appearance-only identities (these settings; README "L2I" for the commands).
+            # appearance-only identities (3000 steps); 30.4 dB (mouth box 28.6) with these settings, 9000 steps
+            # (README "VAE and L2I" for the commands).
             "tiny": dict(resolution=64, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                          norm_groups=8, kl_weight=1e-6, edge_weight=0.0, lr=1e-3, betas=(0.9, 0.99),
-                         batch_size=8, steps=3000, disc_channels=32, disc_layers=2, disc_start=2001,
+                         batch_size=8, steps=9000, disc_channels=32, disc_layers=2, disc_start=2001,
                          colour_jitter=0.5, natural_mix=0.2, extra_identities=400),
             # 256 px -> 4x32x32 with SD-VAE widths (SD: 2 res blocks per level, kl 1e-6, disc from 50k steps).
             "paper": dict(resolution=256, base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2,

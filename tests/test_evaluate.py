@@ -44,7 +44,27 @@ def test_vae_row_reports_how_mediapipe_opening_on_reconstructions_follows_the_tr
     P = clip["landmarks"][::3] / 2  # (T, 478, 3) in 64 px
     truth = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
     masks = np.stack([landmarks.mouth_mask(p, (64, 64)) for p in P])
-    row = evaluate.evaluate_vae(_LosslessVAE(), frames, masks, opening=truth)
+    identity = np.repeat([3, 7], [len(truth) // 2, len(truth) - len(truth) // 2])
+    row = evaluate.evaluate_vae(_LosslessVAE(), frames, masks, opening=truth, identity=identity)
     assert row["psnr"] > 40 and row["opening_corr"] > 0.8
+    assert {"opening_corr_id3", "opening_corr_id7"} <= set(row) and row["opening_corr_id3"] > 0.5
     shuffled = evaluate.evaluate_vae(_LosslessVAE(), frames, masks, opening=truth[::-1].copy())
     assert shuffled["opening_corr"] < row["opening_corr"] - 0.3
+
+
+def test_l2i_row_has_the_baselines_ceilings_and_one_correlation_per_identity():
+    import torch
+
+    import l2i
+    torch.manual_seed(0)
+    ae = AutoencoderKL(VAEConfig(resolution=32, base_channels=8, norm_groups=4)).freeze()
+    clips = [data.make_clip(0, k, "test", size=64, seconds=0.6) for k in (0, 1)]
+    frames = l2i.L2IFrames(clips, size=32, tau_min=3, tau_max=3, train=False)
+    cfg = l2i.L2IConfig(image_size=32, latent_size=8, channels=(16, 32), attn_resolutions=(4,), conditioning="channel")
+    row = evaluate.evaluate_l2i(l2i.L2I(cfg).eval(), ae, l2i.L2ILatents(frames, ae), every=3, steps=2,
+                                identities=[5, 9])
+    assert row["frames"] == len(range(0, len(frames), 3))
+    assert all(np.isfinite(row[k]) for k in ("psnr_mouth", "psnr_mouth_copy_ref", "psnr_mouth_vae", "psnr"))
+    assert 0.0 <= row["detected"] <= 1.0
+    assert {"opening_corr", "opening_corr_truth_frames", "opening_corr_vae", "opening_corr_id5",
+            "opening_corr_id9"} <= set(row)
