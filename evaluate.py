@@ -243,7 +243,7 @@ def main_l2i(args) -> dict:
     from train import clip_paths
     vae = load_model(args.vae, "vae")
     rows, paths = {}, clip_paths(args.data, "test", args.clips)
-    datasets = {}
+    datasets, identities = {}, clip_identities(paths)
     for name, path in _named(args.ckpt).items():
         model = load_model(path, "l2i")
         c = model.cfg
@@ -252,7 +252,7 @@ def main_l2i(args) -> dict:
             frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand)
             datasets[key] = L2ILatents(frames, vae)
         rows[name] = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed,
-                                  guidance=args.guidance, identities=clip_identities(paths))
+                                  guidance=args.guidance, identities=identities)
         print(name, rows[name], flush=True)
     return rows
 

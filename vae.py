@@ -441,8 +441,9 @@ def vae_loss(model: AutoencoderKL, x: torch.Tensor, disc: PatchDiscriminator | N
     Dividing the KL by the number of pixel values keeps LDM's meaning of kl_weight (LDM sums the L1 over
     pixels and the KL over latent dims). d_weight is LDM's adaptive weight times disc_weight. The
     generator term also writes gradients into `disc`: zero them before the discriminator's own step.
-    w is pixel_weight (1, 1, H, W) (mouth_weight_map), or 1. logs holds floats. With return_rec=True the result is (loss, logs, x_rec.detach()), so the
-    discriminator step can reuse the reconstruction instead of running the autoencoder again.
+    w is pixel_weight (1, 1, H, W) (mouth_weight_map), or 1. logs holds floats. With return_rec=True the
+    result is (loss, logs, x_rec.detach()), so the discriminator step can reuse the reconstruction instead of
+    running the autoencoder again.
     """
     cfg = model.cfg
     x_rec, posterior = model(x, sample_posterior=True)
