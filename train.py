@@ -92,6 +92,8 @@ def parse_args(argv=None):
     run.add_argument("--cache", default="cache", help="where generated data and decoded frames are cached")
     run.add_argument("--out", default=None, help="run folder (default: runs/<stage>)")
     run.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    run.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint's EMA weights (same "
+                     "stage and architecture) with a fresh optimizer at step 0; e.g. the VAE's --finetune-decoder")
     run.add_argument("--export", default=None, metavar="PATH", help="do not train: write <out>/ckpt.pt for "
                      "sampling only to PATH (EMA weights, no optimizer state; how checkpoints/*_tiny.pt are made)")
     run.add_argument("--vae", default=None, help="VAE checkpoint for --stage l2i (default: checkpoints/vae_tiny.pt "
@@ -205,6 +207,11 @@ class VAEStage:
     def build(self):
         from vae import AutoencoderKL, PatchDiscriminator
         model = AutoencoderKL(self.cfg)
+        if self.cfg.finetune_decoder:
+            if not self.args.init and not self.args.resume:
+                raise UsageError("--finetune-decoder needs the VAE to fine-tune: pass --init CKPT")
+            model.encoder.requires_grad_(False)
+            model.quant_conv.requires_grad_(False)
         if self.cfg.adversarial:
             self.disc = PatchDiscriminator(3, self.cfg.disc_channels, self.cfg.disc_layers).to(self.device)
             if dist.is_initialized():  # every rank starts from rank 0's discriminator (DDP does this for the model)
@@ -252,10 +259,12 @@ class VAEStage:
         save_png(path, np.concatenate(rows, axis=0))
 
     def finish(self, model):
-        """LDM's scale_by_std: latents are multiplied by 1 / std before diffusion."""
-        with torch.no_grad():
-            sf = model.measure_scale_factor([self.train.random_batch(32).to(self.device) for _ in range(8)])
-        out = {"scale_factor": float(sf)}
+        """LDM's scale_by_std: latents are multiplied by 1 / std before diffusion (kept as it was when only the
+        decoder is fine-tuned: the latents did not change)."""
+        if not self.cfg.finetune_decoder:
+            with torch.no_grad():
+                model.measure_scale_factor([self.train.random_batch(32).to(self.device) for _ in range(8)])
+        out = {"scale_factor": float(model.scale_factor)}
         if self.disc is not None:  # so --resume continues the adversarial game instead of restarting it
             out.update(discriminator=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
         return out
@@ -453,8 +462,15 @@ def train(args) -> str:
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     stage = stage_runner(args, device)
     model = stage.build().to(device)
+    if args.init and not args.resume:
+        try:
+            model.load_state_dict(load_checkpoint(args.init, args.stage)["ema"])
+        except RuntimeError:
+            raise UsageError(f"--init {args.init} has another architecture than this run's config; pass the same "
+                             "--preset and model flags it was trained with") from None
     ema = EMA(model, getattr(cfg, "ema_decay", 0.999))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=getattr(cfg, "betas", (0.9, 0.999)),
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=getattr(cfg, "betas", (0.9, 0.999)),
                             weight_decay=getattr(cfg, "weight_decay", 0.0))
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     step, history, extra = 0, [], {}
@@ -513,7 +529,7 @@ def train(args) -> str:
             loss, logs = out[0], out[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), getattr(cfg, "grad_clip", 1.0))
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, getattr(cfg, "grad_clip", 1.0))
             opt.step()
             if len(out) > 2:  # a second optimiser of the stage (the VAE's discriminator)
                 out[2]()

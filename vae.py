@@ -68,6 +68,10 @@ class VAEConfig:
     disc_start: int = 50001               # step at which the adversarial loss switches on
     disc_channels: int = 64
     disc_layers: int = 3
+    finetune_decoder: bool = False        # train only post_quant_conv + decoder, starting from `train.py --init`:
+                                          # the encoder, the latents and the scale factor stay as they were, so an
+                                          # L2I trained on that latent space keeps working (as Stability AI's
+                                          # sd-vae-ft-mse fine-tuned only SD's decoder)
     # training
     lr: float = 4.5e-6 * 8
     betas: tuple = (0.5, 0.9)

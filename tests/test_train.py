@@ -122,6 +122,26 @@ def test_adversarial_vae_saves_and_resumes_its_discriminator(clips, tmp_path):
     assert any(not torch.equal(after[k], disc[k]) for k in disc)  # and trained on
 
 
+def test_finetune_decoder_starts_from_init_and_keeps_the_latent_space(clips, tmp_path):
+    base = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "2")))
+    start = load_checkpoint(base, "vae")["ema"]
+    ft = ["--finetune-decoder", "true", "--init", base, "--out", str(tmp_path / "ft"), "--lr", "0.01"]
+    path = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "3", *ft)))
+    ckpt = load_checkpoint(path, "vae")
+    assert ckpt["step"] == 3
+    model = ckpt["model"]
+    frozen = [k for k in start if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(model[k], start[k]) for k in frozen)
+    assert any(not torch.equal(model[k], start[k]) for k in start if k.startswith("decoder."))
+    assert ckpt["extra"]["scale_factor"] == pytest.approx(float(start["scale_factor"]))  # not re-measured
+    with pytest.raises(UsageError, match="pass --init"):
+        train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "1", "--finetune-decoder", "true",
+                                              "--out", str(tmp_path / "none"))))
+    with pytest.raises(UsageError, match="another architecture"):
+        train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "1", "--init", base, "--base-channels",
+                                              "4", "--out", str(tmp_path / "other"))))
+
+
 def test_ddp_on_cpu_with_gloo_under_torchrun(clips, tmp_path):
     """Two processes, gloo backend: the same code path NCCL takes on GPUs, with the PatchGAN discriminator on
     (its gradients are averaged across ranks by hand; the autoencoder's by DDP)."""
