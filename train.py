@@ -187,10 +187,11 @@ class VAEStage:
         paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
         stored = size * (2 if self.cfg.crop_scale < 1 else 1)
         frames, P = load_frames(paths, stored, args.cache)
-        self.pixel_weight = None
-        if self.cfg.mouth_weight != 1.0:  # the mouth's place in the aligned crops, from 1,000 training frames
-            some = P[np.linspace(0, len(P) - 1, min(1000, len(P))).astype(int)] * (size / stored)
-            self.pixel_weight = mouth_weight_map(some, size, self.cfg.mouth_weight).to(device)
+        some = P[np.linspace(0, len(P) - 1, min(1000, len(P))).astype(int)] * (size / stored)
+        # where the mouth lies in the aligned crops (from 1,000 training frames), for the L1 and for D
+        self.pixel_weight, self.disc_weight_map = (
+            mouth_weight_map(some, size, w).to(device) if w != 1.0 else None
+            for w in (self.cfg.mouth_weight, self.cfg.disc_mouth_weight))
         if self.cfg.extra_identities:
             frames = np.concatenate([frames, extra_identity_frames(self.cfg.extra_identities, stored, args.seed,
                                                                    args.cache)])
@@ -227,13 +228,14 @@ class VAEStage:
         from vae import vae_loss
         if self.disc is None:
             return vae_loss(model, x, None, step, pixel_weight=self.pixel_weight)
-        loss, logs, x_rec = vae_loss(model, x, self.disc, step, return_rec=True, pixel_weight=self.pixel_weight)
+        loss, logs, x_rec = vae_loss(model, x, self.disc, step, return_rec=True, pixel_weight=self.pixel_weight,
+                                     disc_weight_map=self.disc_weight_map)
         return loss, logs, lambda: self._disc_step(model, x, x_rec, step, logs)
 
     def _disc_step(self, model, x, x_rec, step, logs):
         from vae import discriminator_loss
         self.disc_opt.zero_grad(set_to_none=True)  # the generator term wrote gradients here
-        d_loss, d_logs = discriminator_loss(model, self.disc, x, x_rec, step)
+        d_loss, d_logs = discriminator_loss(model, self.disc, x, x_rec, step, self.disc_weight_map)
         d_loss.backward()
         if dist.is_initialized():  # the discriminator is not inside DDP: average its gradients by hand
             for p in self.disc.parameters():

@@ -68,6 +68,9 @@ class VAEConfig:
     disc_start: int = 50001               # step at which the adversarial loss switches on
     disc_channels: int = 64
     disc_layers: int = 3
+    disc_mouth_weight: float = 1.0        # both players average D's patch logits with weights 1 + (w - 1) * p (p as
+                                          # for mouth_weight; our guess: MediaPipe reads the opening from a few lip
+                                          # pixels, so the adversarial game should look there; 1 = plain mean)
     finetune_decoder: bool = False        # train only post_quant_conv + decoder, starting from `train.py --init`:
                                           # the encoder, the latents and the scale factor stay as they were, so an
                                           # L2I trained on that latent space keeps working (as Stability AI's
@@ -435,31 +438,41 @@ def _adaptive_disc_weight(rec_loss, g_loss, last_layer: torch.Tensor, disc_weigh
     return weight.clamp(0.0, 1e4).detach() * disc_weight
 
 
+def weighted_mean(v: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of v (B, C, h, w) weighted by weight (1, 1, H, W), area-resized to (h, w); the plain mean if None."""
+    if weight is None:
+        return v.mean()
+    w = F.interpolate(weight, size=v.shape[-2:], mode="area")  # (1, 1, h, w)
+    return (v * w).mean() / w.mean()
+
+
 def vae_loss(model: AutoencoderKL, x: torch.Tensor, disc: PatchDiscriminator | None = None, step: int = 0,
-             return_rec: bool = False, pixel_weight: torch.Tensor | None = None):
+             return_rec: bool = False, pixel_weight: torch.Tensor | None = None,
+             disc_weight_map: torch.Tensor | None = None):
     """Autoencoder objective for one batch x (B, 3, H, W) in [-1, 1]; returns (loss, logs).
 
     loss = mean w |x - x_rec| / mean w + edge_weight * mean |sobel(x) - sobel(x_rec)|
            + kl_weight * mean_b KL_b / (3 H W)            (KL_b summed over latent dims)
-           + d_weight * (-mean D(x_rec))                  (only with cfg.adversarial, disc, step >= disc_start)
+           + d_weight * (-mean_v D(x_rec))                (only with cfg.adversarial, disc, step >= disc_start)
     Dividing the KL by the number of pixel values keeps LDM's meaning of kl_weight (LDM sums the L1 over
     pixels and the KL over latent dims). d_weight is LDM's adaptive weight times disc_weight. The
     generator term also writes gradients into `disc`: zero them before the discriminator's own step.
-    w is pixel_weight (1, 1, H, W) (mouth_weight_map), or 1. logs holds floats. With return_rec=True the
+    w is pixel_weight (1, 1, H, W) (mouth_weight_map), or 1; mean_v weights D's patch logits by disc_weight_map
+    (1, 1, H, W) (weighted_mean). logs holds floats. With return_rec=True the
     result is (loss, logs, x_rec.detach()), so the discriminator step can reuse the reconstruction instead of
     running the autoencoder again.
     """
     cfg = model.cfg
     x_rec, posterior = model(x, sample_posterior=True)
     rec = (x - x_rec).abs()  # (B, 3, H, W)
-    rec = rec.mean() if pixel_weight is None else (rec * pixel_weight).mean() / pixel_weight.mean()
+    rec = weighted_mean(rec, pixel_weight)
     edge = (sobel_edges(x) - sobel_edges(x_rec)).abs().mean() if cfg.edge_weight > 0 else x.new_zeros(())
     rec_total = rec + cfg.edge_weight * edge
     kl = posterior.kl().mean()
     loss = rec_total + cfg.kl_weight * kl / x[0].numel()
     logs = {"rec": rec.item(), "edge": edge.item(), "kl": kl.item()}
     if cfg.adversarial and disc is not None and step >= cfg.disc_start:
-        g_loss = -disc(x_rec).mean()
+        g_loss = -weighted_mean(disc(x_rec), disc_weight_map)
         if torch.is_grad_enabled() and rec_total.requires_grad:
             d_weight = _adaptive_disc_weight(rec_total, g_loss, model.decoder.conv_out.weight, cfg.disc_weight)
         else:
@@ -479,8 +492,9 @@ def mouth_weight_map(P_px: np.ndarray, size: int, mouth_weight: float) -> torch.
 
 
 def discriminator_loss(model: AutoencoderKL, disc: PatchDiscriminator, x: torch.Tensor,
-                       x_rec: torch.Tensor | None = None, step: int = 0):
-    """Hinge loss for the discriminator's own step: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))).
+                       x_rec: torch.Tensor | None = None, step: int = 0, weight_map: torch.Tensor | None = None):
+    """Hinge loss for the discriminator's own step: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))), the
+    means over patches weighted by weight_map (1, 1, H, W) when given (VAEConfig.disc_mouth_weight).
 
     x_rec is taken as given (detached) or, when None, computed here without gradients. Before
     cfg.disc_start the loss is multiplied by 0 (LDM's disc_factor), so the step is a no-op.
@@ -491,7 +505,8 @@ def discriminator_loss(model: AutoencoderKL, disc: PatchDiscriminator, x: torch.
             x_rec, _ = model(x, sample_posterior=True)
     logits_real = disc(x)
     logits_fake = disc(x_rec.detach())
-    hinge = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    hinge = 0.5 * (weighted_mean(F.relu(1.0 - logits_real), weight_map)
+                   + weighted_mean(F.relu(1.0 + logits_fake), weight_map))
     factor = 1.0 if step >= model.cfg.disc_start else 0.0
     loss = factor * hinge
     logs = {"d_loss": hinge.item(), "logits_real": logits_real.mean().item(),

@@ -8,7 +8,7 @@ import torch
 
 
 from vae import (AutoencoderKL, DiagonalGaussian, FrameDataset, PatchDiscriminator, VAEConfig,
-                 discriminator_loss, mouth_weight_map, psnr, sobel_edges, to_uint8, vae_loss)
+                 discriminator_loss, mouth_weight_map, psnr, sobel_edges, to_uint8, vae_loss, weighted_mean)
 
 
 def small_cfg(**kw):
@@ -233,6 +233,25 @@ def test_discriminator_path_runs():
     assert math.isfinite(d_loss.item()) and d_loss.item() > 0
     d_loss.backward()
     assert disc.net[0].weight.grad.abs().sum() > 0
+
+
+def test_disc_weight_map_restricts_both_players_to_the_weighted_patches():
+    torch.manual_seed(0)
+    cfg = small_cfg(adversarial=True, disc_start=0, disc_layers=1)
+    model, disc = AutoencoderKL(cfg), PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers)
+    x = smooth_images(2, 32)
+    top = torch.zeros(1, 1, 32, 32)
+    top[..., :16, :] = 1.0  # only the top half counts
+    with torch.no_grad():
+        x_rec = model(x, sample_posterior=False)[0]
+        real, fake = disc(x), disc(x_rec)  # (2, 1, h, w), h even
+    h = real.shape[-2] // 2
+    d_loss, _ = discriminator_loss(model, disc, x, x_rec, weight_map=top)
+    expected = 0.5 * ((1 - real[..., :h, :]).clamp(min=0).mean() + (1 + fake[..., :h, :]).clamp(min=0).mean())
+    assert d_loss.item() == pytest.approx(float(expected), rel=1e-5)
+    assert discriminator_loss(model, disc, x, x_rec, weight_map=torch.full((1, 1, 32, 32), 2.0))[0].item() == \
+        pytest.approx(discriminator_loss(model, disc, x, x_rec)[0].item(), rel=1e-5)
+    assert weighted_mean(fake, top).item() == pytest.approx(float(fake[..., :h, :].mean()), rel=1e-5)
 
 
 def test_short_overfit_raises_psnr():
