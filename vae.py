@@ -70,7 +70,8 @@ class VAEConfig:
     disc_layers: int = 3
     disc_mouth_weight: float = 1.0        # both players average D's patch logits with weights 1 + (w - 1) * p (p as
                                           # for mouth_weight; our guess: MediaPipe reads the opening from a few lip
-                                          # pixels, so the adversarial game should look there; 1 = plain mean)
+                                          # pixels, so the adversarial game should look there; 1 = plain mean;
+                                          # 10 did not beat 1 in the tiny fine-tune, README "VAE and L2I")
     finetune_decoder: bool = False        # train only post_quant_conv + decoder, starting from `train.py --init`:
                                           # the encoder, the latents and the scale factor stay as they were, so an
                                           # L2I trained on that latent space keeps working (as Stability AI's
