@@ -139,9 +139,10 @@ def _corr_by_identity(measured: np.ndarray, opening: np.ndarray, identity) -> di
             for k in np.unique(identity)}
 
 
-def clip_identities(paths: list[str]) -> list[int]:
-    """The identity number stored in each clip's npz (data.py format)."""
-    return [int(np.load(p)["identity"]) for p in paths]
+def clip_identities(paths: list[str]) -> tuple[list[int], list[int]]:
+    """The identity number and the landmark frame count of each clip (data.py npz format), each file read once."""
+    clips = [np.load(p) for p in paths]
+    return [int(c["identity"]) for c in clips], [len(c["landmarks"]) for c in clips]
 
 
 @torch.no_grad()
@@ -232,8 +233,7 @@ def main_vae(args) -> dict:
     frames, P = load_frames(paths, size, "cache")
     masks = np.stack([landmarks.mouth_mask(p, (size, size)) for p in P])
     opening = np.array([landmarks.mouth_opening(p) / landmarks.inter_ocular(p) for p in P])
-    lengths = [len(np.load(p)["landmarks"]) for p in paths]
-    identity = np.repeat(clip_identities(paths), lengths)
+    identity = np.repeat(*clip_identities(paths))
     identity = identity if len(identity) == len(P) else None  # a video shorter than its landmarks: no split
     return {"vae": evaluate_vae(vae, frames, masks, opening, identity)}
 
@@ -243,7 +243,7 @@ def main_l2i(args) -> dict:
     from train import clip_paths
     vae = load_model(args.vae, "vae")
     rows, paths = {}, clip_paths(args.data, "test", args.clips)
-    datasets, identities = {}, clip_identities(paths)
+    datasets, identities = {}, clip_identities(paths)[0]
     for name, path in _named(args.ckpt).items():
         model = load_model(path, "l2i")
         c = model.cfg
