@@ -654,15 +654,18 @@ def face_crop_box(P) -> np.ndarray:
 
 def crop_faces(images: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     """Cut square boxes (T, 3) = (x0, y0, side) out of images (T or 1, H, W, 3) and resize them to size px:
-    uint8 (T, size, size, 3). Area interpolation when shrinking, edge replication outside the image."""
+    uint8 (T, size, size, 3), edge replication outside the image. Shrinking cuts the box at the image's own
+    scale and then area-averages (cv2.warpAffine has no area filter: it would sample bilinearly and alias,
+    unlike the ffmpeg area scaling that made the training frames); enlarging is one bilinear warp."""
     boxes = np.atleast_2d(boxes)
     out = np.empty((len(boxes), size, size, 3), np.uint8)
     for i, (x0, y0, side) in enumerate(boxes):  # one affine warp per frame (cv2 has no batched warp)
-        k = size / side
+        image = images[i if len(images) > 1 else 0]
+        cut = max(size, int(np.ceil(side)))  # px of the warped box: its own scale when shrinking
+        k = cut / side
         M = np.array([[k, 0.0, -x0 * k], [0.0, k, -y0 * k]])
-        flags = cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR
-        out[i] = cv2.warpAffine(images[i if len(images) > 1 else 0], M, (size, size), flags=flags,
-                                borderMode=cv2.BORDER_REPLICATE)
+        crop = cv2.warpAffine(image, M, (cut, cut), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        out[i] = crop if cut == size else cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
     return out
 
 

@@ -268,3 +268,15 @@ def test_cli_detect(tmp_path, astronaut, capsys):
     assert L.main(["detect", str(photo)]) == 2
     assert "no face found" in capsys.readouterr().err
     assert L.main(["detect", str(tmp_path / "missing.png")]) == 2
+
+
+# ---------------------------------------------------------------- face crops
+
+
+def test_crop_faces_area_averages_when_shrinking():
+    stripes = np.zeros((1, 256, 256, 3), np.uint8)
+    stripes[:, :, ::2] = 255  # 1-px columns: bilinear sampling at 1/4 scale would alias them to 0 / 255
+    out = L.crop_faces(stripes, np.array([[0.0, 0.0, 256.0]]), 64)
+    assert out.shape == (1, 64, 64, 3) and np.abs(out.astype(float) - 127.5).max() < 2
+    big = L.crop_faces(stripes, np.array([[100.5, 100.5, 32.0], [0.0, 0.0, 8.0]]), 64)  # enlarging: one warp
+    assert big.shape == (2, 64, 64, 3)
