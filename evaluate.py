@@ -20,8 +20,8 @@ L2I (Sec. 3.2), frames rendered from the ground-truth landmarks of held-out clip
 tau_max frames earlier (so its mouth differs):
   - mouth-box PSNR against the truth, beside the baseline that copies the reference frame's mouth and the
     VAE's own reconstruction (the ceiling);
-  - the mouth opening MediaPipe measures on the generated frames (upscaled before detection) against the
-    opening of the landmarks L2I was asked to render: Pearson correlation, and the detection rate.
+  - the mouth opening MediaPipe measures on the generated frames (upscaled before detection, `--upscale`)
+    against the opening of the landmarks L2I was asked to render: Pearson correlation, and the detection rate.
   Several checkpoints side by side (`--ckpt name=path ...`) give the conditioning ablations.
 
 Cascade (`sample`): sample.py on held-out faces and sentences; MediaPipe's mouth opening on the output video
@@ -111,14 +111,21 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def measured_opening(frames: np.ndarray, detect_size: int = 256) -> np.ndarray:
+UPSCALE = {"cubic": "INTER_CUBIC", "lanczos": "INTER_LANCZOS4"}  # --upscale choices -> OpenCV interpolation
+
+
+def measured_opening(frames: np.ndarray, detect_size: int = 256, upscale: str = "cubic") -> np.ndarray:
     """Mouth opening / inter-ocular distance that MediaPipe measures on each frame (T, H, W, 3), upscaled to
-    detect_size px first (MediaPipe does not find 64 px faces); NaN where no face is found."""
+    detect_size px first with `upscale` (a key of UPSCALE; MediaPipe does not find 64 px faces); NaN where no
+    face is found."""
     import cv2
+    if upscale not in UPSCALE:
+        raise ValueError(f"unknown upscale {upscale!r}; valid: {sorted(UPSCALE)}")
+    interpolation = getattr(cv2, UPSCALE[upscale])
     out = np.full(len(frames), np.nan)
     with landmarks.FaceMeshDetector(static_image_mode=True, max_num_faces=1) as detector:
         for i, frame in enumerate(frames):
-            big = cv2.resize(frame, (detect_size, detect_size), interpolation=cv2.INTER_CUBIC)
+            big = cv2.resize(frame, (detect_size, detect_size), interpolation=interpolation)
             P = detector.detect(big)
             if P is not None:
                 out[i] = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
@@ -146,7 +153,8 @@ def clip_identities(paths: list[str]) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, identity=None, batch: int = 64) -> dict:
+def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, identity=None, batch: int = 64,
+                 upscale: str = "cubic") -> dict:
     """PSNR (dB) of E -> D reconstructions over the frame and inside the mouth box, (N, S, S, 3) uint8 frames;
     with the true openings (N,) also how well MediaPipe's opening on the reconstructions follows them (the
     ceiling of the L2I's opening correlation: L2I renders through this decoder), per identity (N,) if given."""
@@ -157,7 +165,7 @@ def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, ident
     m = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # (N, 1, S, S)
     row = {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
     if opening is not None:
-        measured, opening = measured_opening(to_uint8_image(rec)), np.asarray(opening)
+        measured, opening = measured_opening(to_uint8_image(rec), upscale=upscale), np.asarray(opening)
         row["opening_corr"] = _nan_corr(measured, opening)
         row.update(_corr_by_identity(measured, opening, identity))
     return row
@@ -165,7 +173,7 @@ def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, ident
 
 @torch.no_grad()
 def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0,
-                 guidance=None, identities=None) -> dict:
+                 guidance=None, identities=None, upscale: str = "cubic") -> dict:
     """Render every `every`-th frame of the held-out items (an l2i.L2ILatents with train=False frames) from its
     true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; the MediaPipe opening
     measured on the generated, the true and the VAE-reconstructed frames (the last two bound what L2I can reach);
@@ -195,9 +203,9 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
     gen, rec, mouth = torch.cat(gen_all), torch.cat(rec_all), torch.cat(mouth_all)
     truth, ref = to_tensor_image(np.stack(truth_all)), to_tensor_image(np.stack(ref_all))  # (N, 3, S, S)
     opening = np.array(opening)
-    measured = measured_opening(to_uint8_image(gen))
-    measured_truth = measured_opening(np.stack(truth_all))
-    measured_vae = measured_opening(to_uint8_image(rec))
+    measured = measured_opening(to_uint8_image(gen), upscale=upscale)
+    measured_truth = measured_opening(np.stack(truth_all), upscale=upscale)
+    measured_vae = measured_opening(to_uint8_image(rec), upscale=upscale)
     return {"frames": len(idx),
             "psnr_mouth": psnr(gen, truth, mask=mouth),
             "psnr_mouth_copy_ref": psnr(ref, truth, mask=mouth),
@@ -235,7 +243,7 @@ def main_vae(args) -> dict:
     opening = np.array([landmarks.mouth_opening(p) / landmarks.inter_ocular(p) for p in P])
     identity = np.repeat(*clip_identities(paths))
     identity = identity if len(identity) == len(P) else None  # a video shorter than its landmarks: no split
-    return {"vae": evaluate_vae(vae, frames, masks, opening, identity)}
+    return {"vae": evaluate_vae(vae, frames, masks, opening, identity, upscale=args.upscale)}
 
 
 def main_l2i(args) -> dict:
@@ -252,7 +260,7 @@ def main_l2i(args) -> dict:
             frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand)
             datasets[key] = L2ILatents(frames, vae)
         rows[name] = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed,
-                                  guidance=args.guidance, identities=identities)
+                                  guidance=args.guidance, identities=identities, upscale=args.upscale)
         print(name, rows[name], flush=True)
     return rows
 
@@ -284,7 +292,7 @@ def main_sample(args) -> dict:
             video = data.read_frames(out)
             truth = clip["landmarks"]
             opening = landmarks.mouth_opening(truth) / landmarks.inter_ocular(truth)
-            measured = measured_opening(video, detect_size=max(256, video.shape[1]))
+            measured = measured_opening(video, detect_size=max(256, video.shape[1]), upscale=args.upscale)
             seconds = len(clip["audio"]) / clip["sample_rate"]
             rows[os.path.basename(path)] = {"frames": len(video), "opening_corr": _nan_corr(measured, opening),
                                             "detected": float(np.isfinite(measured).mean()),
@@ -310,6 +318,9 @@ def main(argv=None):
         q.add_argument("--data", default=None, help="held-out clips folder (default: synthetic test split)")
         q.add_argument("--clips", type=int, default=20, help="synthetic held-out clips")
         q.add_argument("--json", default=None, help="write the metrics here")
+        q.add_argument("--upscale", choices=sorted(UPSCALE), default="cubic", help="interpolation that upscales "
+                       "frames before MediaPipe detection; on soft 64 px frames the opening correlation moves by "
+                       "a few hundredths between them, either way (README 'VAE and L2I')")
     for q in (i,):
         q.add_argument("--guidance", type=float, default=None, help="classifier-free guidance on the landmarks "
                        "(default: the config's)")

@@ -1,6 +1,7 @@
 """evaluate.py: the measures behind the README's VAE / L2I / cascade numbers."""
 import cv2
 import numpy as np
+import pytest
 
 import data
 import evaluate
@@ -8,15 +9,19 @@ import landmarks
 from vae import AutoencoderKL, VAEConfig
 
 
-def test_mediapipe_opening_follows_the_rendered_mouth_and_marks_missing_faces():
+@pytest.mark.parametrize("upscale", sorted(evaluate.UPSCALE))
+def test_mediapipe_opening_follows_the_rendered_mouth_and_marks_missing_faces(upscale):
     clip = data.make_clip(0, 0, "test", size=128, seconds=3.0)
     frames, P = clip["frames"], clip["landmarks"]
     truth = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
     pick = np.argsort(truth)[np.linspace(0, len(truth) - 1, 12).astype(int)]  # closed to wide open
     small = np.stack([cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA) for f in frames[pick]])
-    measured = evaluate.measured_opening(np.concatenate([small, np.full((1, 64, 64, 3), 127, np.uint8)]))
+    blank = np.full((1, 64, 64, 3), 127, np.uint8)
+    measured = evaluate.measured_opening(np.concatenate([small, blank]), upscale=upscale)
     assert np.isnan(measured[-1]) and np.isfinite(measured[:-1]).all()  # a blank frame has no face
     assert evaluate._nan_corr(measured[:-1], truth[pick]) > 0.8
+    with pytest.raises(ValueError, match="unknown upscale"):
+        evaluate.measured_opening(blank, upscale="nearest")
 
 
 def test_vae_psnr_is_reported_over_the_frame_and_the_mouth_box():
