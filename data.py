@@ -807,11 +807,12 @@ def render_clip(identity, art, blink, pose, size=256):
 # Clips: generation, files, loading
 # ------------------------------------------------------------------------------------------------------------
 
-def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True):
+def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True, face_iod=0.0):
     """Still frames uint8 (identities * frames_per_identity, size, size, 3) of `identities` extra random
     identities (numbers from EXTRA_IDENTITIES_START: appearance drawn like identities 0-19, never one of them),
     with random speech mouth shapes, blinks and poses. Only the VAE trains on them: an autoencoder that sees 16
-    faces learns those faces; it has to see many to learn to compress faces it has never seen."""
+    faces learns those faces; it has to see many to learn to compress faces it has never seen. face_iod > 0:
+    face crops with that inter-ocular fraction (landmarks.face_crop_box) instead of the rendered framing."""
     from tqdm import tqdm
     out = []
     for k in tqdm(range(identities), desc="VAE identities", unit="id", disable=not progress):
@@ -820,9 +821,12 @@ def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progr
         audio, phonemes, ipa, _ = speech_clip(rng, "train", 2.0, None)
         art = articulation(phonemes, ipa, len(audio) / SAMPLE_RATE, audio)
         pick = np.sort(rng.choice(len(art), min(frames_per_identity, len(art)), replace=False))
-        frames, _ = render_clip(identity, art[pick], blink_track(rng, len(art))[pick],
+        frames, P = render_clip(identity, art[pick], blink_track(rng, len(art))[pick],
                                 pose_track(rng, len(art), max_deg=(8.0, 6.0, 5.0), max_shift=0.04)[pick])
-        out.append(np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames]))
+        if face_iod:  # independent stills: each framed on its own
+            out.append(landmarks.crop_clip_faces(frames, P, size, face_iod, smooth=1)[0])
+        else:
+            out.append(np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames]))
         identity_texture.cache_clear()
         _triangulation.cache_clear()
     return np.concatenate(out)

@@ -509,6 +509,9 @@ class DreamHead:
             raise UsageError(f"the VAE ({vae.cfg.resolution} px -> {tuple(vae.cfg.latent_shape)}) does not match "
                              f"the L2I model ({size} px -> {l2i.cfg.latent_channels}x{s}x{s}); give the VAE the "
                              "L2I model was trained with")
+        if vae.cfg.face_iod != l2i.cfg.face_iod:
+            raise UsageError(f"the VAE was trained on faces framed with face_iod {vae.cfg.face_iod:g}, the L2I model "
+                             f"with {l2i.cfg.face_iod:g}; give the VAE the L2I model was trained with")
 
     @classmethod
     def load(cls, a2l_path: str, vae_path: str, l2i_path: str, device="cpu") -> "DreamHead":
@@ -518,6 +521,12 @@ class DreamHead:
     @property
     def size(self) -> int:
         return self.l2i.cfg.image_size
+
+    @property
+    def face_iod(self) -> float:
+        """Eye distance / side of the face crops the L2I model was trained on (landmarks.face_crop_box)."""
+        import landmarks
+        return self.l2i.cfg.face_iod or landmarks.FACE_IOD_FRACTION
 
     @property
     def device(self) -> torch.device:

@@ -238,7 +238,7 @@ def main_vae(args) -> dict:
     vae = load_model(args.ckpt, "vae")
     size = vae.cfg.resolution
     paths = clip_paths(args.data, "test", args.clips)
-    frames, P = load_frames(paths, size, "cache")
+    frames, P = load_frames(paths, size, "cache", vae.cfg.face_iod)
     masks = np.stack([landmarks.mouth_mask(p, (size, size)) for p in P])
     opening = np.array([landmarks.mouth_opening(p) / landmarks.inter_ocular(p) for p in P])
     identity = np.repeat(*clip_identities(paths))
@@ -255,9 +255,10 @@ def main_l2i(args) -> dict:
     for name, path in _named(args.ckpt).items():
         model = load_model(path, "l2i")
         c = model.cfg
-        key = (c.image_size, c.tau_max, c.mask_expand)
+        key = (c.image_size, c.tau_max, c.mask_expand, c.face_iod)
         if key not in datasets:
-            frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand)
+            frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand,
+                               face_iod=c.face_iod)
             datasets[key] = L2ILatents(frames, vae)
         rows[name] = evaluate_l2i(model, vae, datasets[key], args.every, steps=args.steps, seed=args.seed,
                                   guidance=args.guidance, identities=identities, upscale=args.upscale)

@@ -70,6 +70,8 @@ class L2IConfig:
     tau_max: int = 25  # shape, so the mouth must come from the landmarks instead of being copied [guess]
     tau_both_sides: bool = True  # reference may lie before or after frame i
     mask_expand: float = 0.15  # relative growth of the mouth box
+    face_iod: float = 0.0  # framing: 0 = the rendered frames, > 0 = face crops with the eyes this fraction of the
+    # side apart (landmarks.face_crop_box); must be the VAE's, and sample.py frames faces with it [guess]
     cfg_dropout: float = 0.1  # probability of dropping both landmark conditions in training
     guidance: float = 1.0  # classifier-free guidance scale at sampling (1 = off)
     # denoiser
@@ -486,30 +488,39 @@ class L2IFrames(torch.utils.data.Dataset):
     All landmark images are drawn once here, so __getitem__ only slices arrays."""
 
     def __init__(self, clips, size: int, tau_min: int, tau_max: int, train: bool = True,
-                 mask_expand: float = 0.15, tau_both_sides: bool = True):
+                 mask_expand: float = 0.15, tau_both_sides: bool = True, face_iod: float = 0.0):
         if not 0 <= tau_min <= tau_max:
             raise ValueError(f"need 0 <= tau_min <= tau_max, got {tau_min}, {tau_max}")
         self.size, self.tau_min, self.tau_max, self.train = size, tau_min, tau_max, train
+        self.face_iod = face_iod
         self.mask_expand, self.tau_both_sides = mask_expand, tau_both_sides
         self.clips = [self._prepare(c) for c in tqdm(clips, desc="L2I frames", leave=False, disable=len(clips) < 4)]
         self.index = [(c, i) for c, clip in enumerate(self.clips) for i in range(len(clip["frames"]))]
 
     def _load(self, clip) -> tuple:
-        """-> (frames uint8 (T, size, size, 3), landmarks (T, 478, 3) in original pixels, original (H, W))."""
+        """-> (frames uint8 (T, size, size, 3), landmarks (T, 478, 3) in the pixels of (H, W), (H, W)): the
+        frames resized whole, or with face_iod > 0 face crops (and landmarks in crop pixels, H = W = size)."""
         if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__"):
             path = str(clip)
             clip = dict(data.load_clip(path), video=path[: -len(".npz")] + ".mp4")
+        P = np.asarray(clip["landmarks"], np.float32)
         if "frames" in clip:
             frames = np.asarray(clip["frames"])
             if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
                 raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
             hw = frames.shape[1:3]
-            if hw != (self.size, self.size):
-                frames = np.stack([cv2.resize(f, (self.size, self.size), interpolation=cv2.INTER_AREA) for f in frames])
         else:
-            frames = data.read_frames(clip["video"], self.size)
+            frames = data.read_frames(clip["video"], None if self.face_iod else self.size)
             hw = np.broadcast_to(np.asarray(clip["frame_size"]), (2,))
-        return frames, np.asarray(clip["landmarks"], np.float32), (int(hw[0]), int(hw[1]))
+        if self.face_iod:
+            if P.shape != (len(frames), 478, 3):
+                raise ValueError(f"landmarks must be ({len(frames)}, 478, 3), got {P.shape}")
+            P = P * np.float32(frames.shape[1] / hw[0])  # (T, 478, 3) in pixels of `frames`
+            frames, P = landmarks.crop_clip_faces(frames, P, self.size, self.face_iod)
+            return frames, P, (self.size, self.size)
+        if frames.shape[1:3] != (self.size, self.size):
+            frames = np.stack([cv2.resize(f, (self.size, self.size), interpolation=cv2.INTER_AREA) for f in frames])
+        return frames, P, (int(hw[0]), int(hw[1]))
 
     def _prepare(self, clip) -> dict:
         size = self.size

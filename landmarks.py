@@ -639,17 +639,35 @@ def apply_mouth_mask(image: np.ndarray, box: tuple[int, int, int, int]) -> np.nd
 # distance = 0.263 (std 0.016) of the frame side, eye midpoint at (0.50, 0.35) of the frame.
 FACE_IOD_FRACTION = 0.263
 FACE_EYE_XY = (0.50, 0.35)
+# Tighter crops (VAEConfig / L2IConfig.face_iod > 0) move the eyes up by this much per unit of IOD fraction, so
+# the open jaw stays inside: 0.35 of the side at the rendered framing, 0.25 at an IOD of 0.4 (our choice).
+FACE_EYE_RISE = 0.73
 
 
-def face_crop_box(P) -> np.ndarray:
-    """Square crop(s) (..., 3) = (x0, y0, side) in pixels that frame the face(s) P (..., 478, 2|3) like the
-    training frames. The box may extend past the image border (`crop_faces` pads by replicating edges)."""
+def face_crop_box(P, iod_fraction: float = FACE_IOD_FRACTION) -> np.ndarray:
+    """Square crop(s) (..., 3) = (x0, y0, side) in pixels that frame the face(s) P (..., 478, 2|3) with the
+    inter-ocular distance iod_fraction of the side (default: like the rendered training frames). The box may
+    extend past the image border (`crop_faces` pads by replicating edges)."""
     P = _check_points(P, "P", (2, 3))
-    side = inter_ocular(P) / FACE_IOD_FRACTION  # (...,)
+    if not 0.1 <= iod_fraction <= 0.6:
+        raise ValueError(f"iod_fraction must be in [0.1, 0.6] (eyes that far apart, as a fraction of the crop), "
+                         f"got {iod_fraction}")
+    side = inter_ocular(P) / iod_fraction  # (...,)
     eyes = (P[..., 33, :2] + P[..., 263, :2]) / 2.0  # (..., 2)
     x0 = eyes[..., 0] - FACE_EYE_XY[0] * side
-    y0 = eyes[..., 1] - FACE_EYE_XY[1] * side
+    y0 = eyes[..., 1] - (FACE_EYE_XY[1] - FACE_EYE_RISE * (iod_fraction - FACE_IOD_FRACTION)) * side
     return np.stack([x0, y0, side], axis=-1).astype(np.float64)  # (..., 3)
+
+
+def crop_clip_faces(frames: np.ndarray, P: np.ndarray, size: int, iod_fraction: float,
+                    smooth: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """Face crops of a clip (T, H, W, 3) with its landmarks P (T, 478, 3) in its pixels, framed by face_crop_box
+    and smoothed over `smooth` frames like sample.py's crops of a video: (crops uint8 (T, size, size, 3),
+    landmarks (T, 478, 3) in crop pixels)."""
+    boxes = face_crop_box(P, iod_fraction)  # (T, 3)
+    if len(boxes) > 1 and smooth > 1:
+        boxes = moving_average(boxes, smooth)
+    return crop_faces(frames, boxes, size), to_crop(P, boxes, size)
 
 
 def crop_faces(images: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:

@@ -143,31 +143,37 @@ def clip_paths(folder: str | None, split: str, clips: int, seed: int = 0, cache:
     return paths
 
 
-def load_frames(paths: list[str], size: int, cache: str) -> tuple[np.ndarray, np.ndarray]:
+def load_frames(paths: list[str], size: int, cache: str, face_iod: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """All frames of the clips at size x size, uint8 (N, size, size, 3), and their landmarks scaled to that
-    size (N, 478, 3); decoded once and cached as .npy (memory-mapped on later runs)."""
+    size (N, 478, 3); decoded once and cached as .npy (memory-mapped on later runs). face_iod > 0 cuts face
+    crops with that inter-ocular fraction out of the full-resolution frames (VAEConfig.face_iod)."""
     from data import load_clip, read_frames
-    key = hashlib.sha1(json.dumps([os.path.abspath(p) for p in paths] + [size]).encode()).hexdigest()[:12]
+    from landmarks import crop_clip_faces
+    framing = [face_iod] if face_iod else []  # the rendered framing keeps its cache keys
+    key = hashlib.sha1(json.dumps([os.path.abspath(p) for p in paths] + [size] + framing).encode()).hexdigest()[:12]
     f_path, l_path = (os.path.join(cache, "frames", f"{key}_{n}.npy") for n in ("frames", "landmarks"))
     if not (os.path.exists(f_path) and os.path.exists(l_path)):
         frames, lmks = [], []
         for p in paths:
             clip = load_clip(p)
-            video = read_frames(p[:-4] + ".mp4", size)  # (T, size, size, 3)
+            video = read_frames(p[:-4] + ".mp4", None if face_iod else size)  # (T, H, W, 3)
             T = min(len(video), len(clip["landmarks"]))
-            frames.append(video[:T])
-            lmks.append(clip["landmarks"][:T] * (size / clip["frame_size"]))  # pixel coords at `size`
+            P = clip["landmarks"][:T] * (video.shape[1] / clip["frame_size"])  # pixel coords of `video`
+            video, P = crop_clip_faces(video[:T], P, size, face_iod) if face_iod else (video[:T], P)
+            frames.append(video)
+            lmks.append(P)
         atomic_write(f_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(frames)))
         atomic_write(l_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(lmks).astype(np.float32)))
     return np.load(f_path, mmap_mode="r"), np.load(l_path)
 
 
-def extra_identity_frames(identities: int, size: int, seed: int, cache: str) -> np.ndarray:
+def extra_identity_frames(identities: int, size: int, seed: int, cache: str, face_iod: float = 0.0) -> np.ndarray:
     """data.appearance_frames (12 stills of each of `identities` extra random identities), cached as .npy."""
     from data import appearance_frames
-    path = os.path.join(cache, "frames", f"identities_{identities}_{size}_{seed}.npy")
+    framing = f"_iod{face_iod:g}" if face_iod else ""
+    path = os.path.join(cache, "frames", f"identities_{identities}_{size}_{seed}{framing}.npy")
     if not os.path.exists(path):
-        frames = appearance_frames(identities, 12, size, seed)
+        frames = appearance_frames(identities, 12, size, seed, face_iod=face_iod)
         atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), frames))
     return np.load(path)
 
@@ -186,7 +192,7 @@ class VAEStage:
         size = self.cfg.resolution
         paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
         stored = size * (2 if self.cfg.crop_scale < 1 else 1)
-        frames, P = load_frames(paths, stored, args.cache)
+        frames, P = load_frames(paths, stored, args.cache, self.cfg.face_iod)
         some = P[np.linspace(0, len(P) - 1, min(1000, len(P))).astype(int)] * (size / stored)
         # where the mouth lies in the aligned crops (from 1,000 training frames), for the L1 and for D
         self.pixel_weight, self.disc_weight_map = (
@@ -194,11 +200,12 @@ class VAEStage:
             for w in (self.cfg.mouth_weight, self.cfg.disc_mouth_weight))
         if self.cfg.extra_identities:
             frames = np.concatenate([frames, extra_identity_frames(self.cfg.extra_identities, stored, args.seed,
-                                                                   args.cache)])
+                                                                   args.cache, self.cfg.face_iod)])
         self.train = FrameDataset(frames, hflip=self.cfg.hflip, colour_jitter=self.cfg.colour_jitter,
                                   natural_mix=self.cfg.natural_mix, seed=args.seed, crop_scale=self.cfg.crop_scale,
                                   size=size)
-        e_frames, e_lmks = load_frames(clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache), size, args.cache)
+        e_paths = clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
+        e_frames, e_lmks = load_frames(e_paths, size, args.cache, self.cfg.face_iod)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
         self.eval_x = FrameDataset.to_tensor(np.asarray(e_frames[pick]))  # (E, 3, size, size)
         masks = [landmarks.mouth_mask(P, (size, size)) for P in e_lmks[pick]]  # E x (size, size)
@@ -331,7 +338,11 @@ class L2IStage:
                              f"L2I expects {self.cfg.image_size} px -> latents of {self.cfg.latent_size}; "
                              "use a matching --vae checkpoint or preset")
         cfg = self.cfg
-        kw = dict(size=cfg.image_size, tau_min=cfg.tau_min, tau_max=cfg.tau_max, mask_expand=cfg.mask_expand)
+        if self.vae.cfg.face_iod != cfg.face_iod:
+            raise UsageError(f"the VAE was trained on frames framed with --face-iod {self.vae.cfg.face_iod:g}, L2I "
+                             f"asks for {cfg.face_iod:g}; pass --face-iod {self.vae.cfg.face_iod:g} or a matching --vae")
+        kw = dict(size=cfg.image_size, tau_min=cfg.tau_min, tau_max=cfg.tau_max, mask_expand=cfg.mask_expand,
+                  face_iod=cfg.face_iod)
         paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
         self.train = self.encoded(L2IFrames(paths, train=True, tau_both_sides=cfg.tau_both_sides, **kw), paths)
         paths = clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)[:4]
@@ -344,8 +355,9 @@ class L2IStage:
         from l2i import L2ILatents
         with open(self.vae_path(self.args), "rb") as f:
             vae_sha = hashlib.sha1(f.read()).hexdigest()
+        framing = [frames.face_iod] if frames.face_iod else []  # the rendered framing keeps its cache keys
         key = hashlib.sha1(json.dumps([[os.path.abspath(p) for p in paths], frames.size, frames.mask_expand,
-                                       vae_sha]).encode())
+                                       vae_sha] + framing).encode())
         path = os.path.join(self.args.cache, "l2i_latents", key.hexdigest()[:12] + ".pt")
         if os.path.exists(path):
             return L2ILatents(frames, None, latents=torch.load(path, weights_only=True))

@@ -93,6 +93,10 @@ class VAEConfig:
     natural_mix: float = 0.0              # fraction of each batch replaced by random crops of the photos shipped
                                           # with scikit-image (our guess: SD's VAE generalises because it saw
                                           # generic images; 16 identities alone are too few to learn colours)
+    face_iod: float = 0.0                 # framing of the frames: 0 = as rendered (eyes 0.263 +- 0.016 of the side
+                                          # apart, how the shipped models were trained); > 0 = face crops with the
+                                          # eyes this fraction apart (landmarks.face_crop_box; our guess: at 64 px
+                                          # MediaPipe needs the lips larger, README "VAE and L2I")
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # lists come back from checkpoints / json

@@ -353,3 +353,18 @@ def test_image_tensor_round_trip():
     x = l2i.to_tensor_image(img)
     assert x.shape == (2, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
     np.testing.assert_array_equal(l2i.to_uint8_image(x), img)
+
+
+def test_l2i_frames_face_crops_from_arrays_and_video(tmp_path):
+    clip = synthetic_clip(T=4, hw=(128, 128))
+    video = str(tmp_path / "clip.mp4")
+    data.write_mp4(video, clip["frames"])
+    kw = dict(size=32, tau_min=1, tau_max=1, train=False, face_iod=0.4)
+    from_array = l2i.L2IFrames([clip], **kw)
+    from_video = l2i.L2IFrames([{"video": video, "landmarks": clip["landmarks"], "frame_size": 128}], **kw)
+    for ds in (from_array, from_video):
+        assert ds[0]["target"].shape == (3, 32, 32)
+        np.testing.assert_allclose(landmarks.inter_ocular(ds.clips[0]["P_px"]), 0.4 * 32, rtol=0.03)  # box smoothed
+    torch.testing.assert_close(from_video[1]["mouth"], from_array[1]["mouth"])
+    whole = l2i.L2IFrames([clip], size=32, tau_min=1, tau_max=1, train=False)
+    assert landmarks.inter_ocular(whole.clips[0]["P_px"]).mean() < 0.35 * 32  # the face fills less of the frame

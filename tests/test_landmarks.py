@@ -280,3 +280,21 @@ def test_crop_faces_area_averages_when_shrinking():
     assert out.shape == (1, 64, 64, 3) and np.abs(out.astype(float) - 127.5).max() < 2
     big = L.crop_faces(stripes, np.array([[100.5, 100.5, 32.0], [0.0, 0.0, 8.0]]), 64)  # enlarging: one warp
     assert big.shape == (2, 64, 64, 3)
+
+
+def test_face_crop_box_puts_the_eyes_at_the_asked_fraction_and_crops_follow():
+    P = L.CANONICAL_TEMPLATE * np.float32(60.0) + np.array([128.0, 120.0, 0.0], np.float32)  # (478, 3) px
+    iod = float(L.inter_ocular(P))
+    x0, y0, side = L.face_crop_box(P)  # the rendered framing
+    np.testing.assert_allclose(iod / side, L.FACE_IOD_FRACTION)
+    eyes = (P[33, :2] + P[263, :2]) / 2
+    np.testing.assert_allclose((eyes - [x0, y0]) / side, L.FACE_EYE_XY)
+    clip = np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    crops, P_crop = L.crop_clip_faces(clip, np.stack([P] * 3), 64, 0.4)
+    assert crops.shape == (3, 64, 64, 3) and P_crop.shape == (3, 478, 3)
+    np.testing.assert_allclose(L.inter_ocular(P_crop), 0.4 * 64, rtol=1e-5)
+    np.testing.assert_allclose((P_crop[:, 33, 1] + P_crop[:, 263, 1]) / 2, (0.35 - L.FACE_EYE_RISE * 0.137) * 64,
+                               rtol=1e-5)
+    assert P_crop[:, L.LIPS, 1].max() < 64  # the mouth stays inside the tighter crop
+    with pytest.raises(ValueError, match="iod_fraction"):
+        L.face_crop_box(P, 0.9)

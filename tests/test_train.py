@@ -166,6 +166,22 @@ def test_l2i_stage_trains_on_a_frozen_vae_and_checks_it_matches(clips, tmp_path)
     assert os.path.getsize(tmp_path / "l2i" / "samples_000002.png") > 0
     with pytest.raises(UsageError, match="latents of 16"):
         train.train(train.parse_args(common + ["--latent-size", "16", "--out", str(tmp_path / "bad")]))
+    with pytest.raises(UsageError, match="pass --face-iod 0 "):
+        train.train(train.parse_args(common + ["--latent-size", "8", "--face-iod", "0.4", "--out", str(tmp_path / "x")]))
+
+
+def test_face_crop_framing_trains_both_stages_and_travels_in_the_checkpoints(clips, tmp_path):
+    from dreamhead import DreamHead
+    vae = train.train(train.parse_args(run_args(clips, tmp_path, "--steps", "1", "--face-iod", "0.4")))
+    l2i_args = ["--stage", "l2i", "--data", clips[0], "--eval-data", clips[1], "--cache", str(tmp_path / "cache"),
+                "--vae", vae, "--image-size", "32", "--latent-size", "8", "--batch-size", "2", "--sample-steps", "1",
+                "--steps", "1", "--eval-every", "1", "--log-every", "1", "--out", str(tmp_path / "l2i")]
+    path = train.train(train.parse_args(l2i_args + ["--face-iod", "0.4"]))
+    l2i_model, vae_model = load_model(path, "l2i"), load_model(vae, "vae")
+    assert l2i_model.cfg.face_iod == vae_model.cfg.face_iod == 0.4
+    vae_model.cfg.face_iod = 0.0  # an L2I model given a VAE trained on the other framing
+    with pytest.raises(UsageError, match="framed with face_iod 0"):
+        DreamHead(None, vae_model, l2i_model)
 
 
 def test_ema_warms_up_then_tracks_slowly():
