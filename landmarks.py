@@ -670,16 +670,17 @@ def crop_clip_faces(frames: np.ndarray, P: np.ndarray, size: int, iod_fraction: 
     return crop_faces(frames, boxes, size), to_crop(P, boxes, size)
 
 
-def crop_faces(images: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+def crop_faces(images: np.ndarray, boxes: np.ndarray, size: int, area: bool = True) -> np.ndarray:
     """Cut square boxes (T, 3) = (x0, y0, side) out of images (T or 1, H, W, 3) and resize them to size px:
-    uint8 (T, size, size, 3), edge replication outside the image. Shrinking cuts the box at the image's own
-    scale and then area-averages (cv2.warpAffine has no area filter: it would sample bilinearly and alias,
-    unlike the ffmpeg area scaling that made the training frames); enlarging is one bilinear warp."""
+    uint8 (T, size, size, 3), edge replication outside the image. Shrinking with area=True cuts the box at the
+    image's own scale and then area-averages, like the ffmpeg scaling that made the training frames; area=False
+    is one bilinear warp, which samples instead of averaging (cv2.warpAffine has no area filter) and so keeps
+    aliased detail (sample.py --crop-filter). Enlarging is one bilinear warp either way."""
     boxes = np.atleast_2d(boxes)
     out = np.empty((len(boxes), size, size, 3), np.uint8)
     for i, (x0, y0, side) in enumerate(boxes):  # one affine warp per frame (cv2 has no batched warp)
         image = images[i if len(images) > 1 else 0]
-        cut = max(size, int(np.ceil(side)))  # px of the warped box: its own scale when shrinking
+        cut = max(size, int(np.ceil(side))) if area else size  # px of the warped box
         k = cut / side
         M = np.array([[k, 0.0, -x0 * k], [0.0, k, -y0 * k]])
         crop = cv2.warpAffine(image, M, (cut, cut), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

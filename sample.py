@@ -152,6 +152,10 @@ def parse_args(argv=None):
     p.add_argument("--smooth", type=int, default=0, help="odd centred moving-average window over the predicted "
                    "landmarks (0 = off)")
     p.add_argument("--max-size", type=int, default=720, help="long side of the output video in px")
+    p.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="how the face crop is "
+                   "shrunk to the model's size: bilinear sampling keeps aliased, crisper detail; area averages like "
+                   "the training frames. With the shipped models bilinear reads better (MediaPipe opening "
+                   "correlation on 4 held-out clips 0.69 / 0.76 at seeds 0 / 1, area 0.61 / 0.64; README)")
     p.add_argument("--save-landmarks", default=None, help="write the driving landmarks in the face file's pixel "
                    "coordinates, (T, 478, 3) float32, to this .npy")
     p.add_argument("--landmarks", default=None, help="drive L2I with these landmarks instead of A2L's: a .npy "
@@ -206,7 +210,7 @@ def main(argv=None):
     if args.save_landmarks:
         atomic_write(args.save_landmarks, lambda tmp: np.save(open(tmp, "wb"), (P_img / scale).astype(np.float32)))
 
-    crops = landmarks.crop_faces(frames, crop_box, size)  # (N, S, S, 3)
+    crops = landmarks.crop_faces(frames, crop_box, size, area=args.crop_filter == "area")  # (N, S, S, 3)
     boxes = union_boxes(mouth_boxes(landmarks.to_crop(P_src_t, box_t, size), size),
                         mouth_boxes(landmarks.to_crop(P_img, box_t, size), size))  # (T, 4) crop px
     ref_canon = landmarks.canonicalize(P_src[0])[0]  # the reference pair: the first source frame

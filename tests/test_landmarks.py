@@ -273,11 +273,13 @@ def test_cli_detect(tmp_path, astronaut, capsys):
 # ---------------------------------------------------------------- face crops
 
 
-def test_crop_faces_area_averages_when_shrinking():
+def test_crop_faces_area_averages_when_shrinking_or_samples_bilinearly():
     stripes = np.zeros((1, 256, 256, 3), np.uint8)
-    stripes[:, :, ::2] = 255  # 1-px columns: bilinear sampling at 1/4 scale would alias them to 0 / 255
+    stripes[:, :, ::2] = 255  # 1-px columns: bilinear sampling at 1/4 scale aliases them to 0 / 255
     out = L.crop_faces(stripes, np.array([[0.0, 0.0, 256.0]]), 64)
     assert out.shape == (1, 64, 64, 3) and np.abs(out.astype(float) - 127.5).max() < 2
+    sampled = L.crop_faces(stripes, np.array([[0.0, 0.0, 256.0]]), 64, area=False)
+    assert np.abs(sampled.astype(float) - 127.5).min() > 100
     big = L.crop_faces(stripes, np.array([[100.5, 100.5, 32.0], [0.0, 0.0, 8.0]]), 64)  # enlarging: one warp
     assert big.shape == (2, 64, 64, 3)
 
