@@ -484,7 +484,8 @@ class L2IFrames(torch.utils.data.Dataset):
     Items are dicts of float tensors in [-1, 1]: target, mask, ref, ref_lmk, lmk (3, size, size), plus
     mouth (1, size, size) in {0, 1} and the integer indices clip, frame, ref_frame.
     train=True draws tau uniformly in [tau_min, tau_max] (either side of i when tau_both_sides); train=False uses
-    tau_max before i (after i near the clip start), so items are deterministic.
+    tau_max before i (after i near the clip start), so items are deterministic. face_iod > 0 cuts per-frame face
+    crops framed by landmarks.face_crop_box out of the full-resolution frames instead (L2IConfig.face_iod).
     All landmark images are drawn once here, so __getitem__ only slices arrays."""
 
     def __init__(self, clips, size: int, tau_min: int, tau_max: int, train: bool = True,
