@@ -659,14 +659,18 @@ def face_crop_box(P, iod_fraction: float = FACE_IOD_FRACTION) -> np.ndarray:
     return np.stack([x0, y0, side], axis=-1).astype(np.float64)  # (..., 3)
 
 
+def clip_face_boxes(P, iod_fraction: float = FACE_IOD_FRACTION, smooth: int = 9) -> np.ndarray:
+    """face_crop_box of every frame of a clip P (T, 478, 2|3), steadied by a centred moving average over
+    `smooth` frames (a video's crop should not shake with the detector): (T, 3)."""
+    boxes = face_crop_box(P, iod_fraction)  # (T, 3)
+    return moving_average(boxes, smooth) if len(boxes) > 1 and smooth > 1 else boxes
+
+
 def crop_clip_faces(frames: np.ndarray, P: np.ndarray, size: int, iod_fraction: float,
                     smooth: int = 9) -> tuple[np.ndarray, np.ndarray]:
-    """Face crops of a clip (T, H, W, 3) with its landmarks P (T, 478, 3) in its pixels, framed by face_crop_box
-    and smoothed over `smooth` frames like sample.py's crops of a video: (crops uint8 (T, size, size, 3),
-    landmarks (T, 478, 3) in crop pixels)."""
-    boxes = face_crop_box(P, iod_fraction)  # (T, 3)
-    if len(boxes) > 1 and smooth > 1:
-        boxes = moving_average(boxes, smooth)
+    """Face crops of a clip (T, H, W, 3) with its landmarks P (T, 478, 3) in its pixels, boxed by clip_face_boxes
+    like sample.py's crops of a video: (crops uint8 (T, size, size, 3), landmarks (T, 478, 3) in crop pixels)."""
+    boxes = clip_face_boxes(P, iod_fraction, smooth)  # (T, 3)
     return crop_faces(frames, boxes, size), to_crop(P, boxes, size)
 
 

@@ -193,9 +193,7 @@ def main(argv=None):
     size = model.size
 
     src = pingpong(T, len(frames))  # (T,) source frame of each output frame
-    crop_box = landmarks.face_crop_box(P_src, model.face_iod)  # (N, 3)
-    if len(frames) > 1:  # a steadier crop for videos: smooth the box over 9 frames
-        crop_box = landmarks.moving_average(crop_box, 9)
+    crop_box = landmarks.clip_face_boxes(P_src, model.face_iod)  # (N, 3), steadied over 9 frames for videos
     P_src_t, box_t = P_src[src], crop_box[src]  # (T, 478, 3), (T, 3)
     _, pose = landmarks.canonicalize(P_src_t)  # per output frame: the source's head pose
     if args.landmarks:
