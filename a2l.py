@@ -1,16 +1,18 @@
-"""Audio-to-landmark (A2L) diffusion: DreamHead's first hierarchy (paper section "A2L", framework figure, left).
+"""Audio-to-landmark (A2L) diffusion: DreamHead's first hierarchy (the framework figure's left half).
 
 From an audio window A^[i-l:i], the subject's mean canonical mesh P̄ and a noisy landmark window P_t^[i-l:i],
-a denoiser built as the figure draws it (Projection-In -> N x [Temporal Unit -> Mapping Unit] -> Projection-Out)
-predicts the clean window P_0 of dense MediaPipe landmarks (478 x 3 = 1434 values per frame, canonical pose).
-Long audio is covered by overlapping windows whose overlap frames are held to the previous window's result.
+a denoiser built as the figure draws it ([A2L: Projection-In] -> N x [[A2L: Temporal Unit] -> [A2L: Mapping
+Unit]] -> [A2L: Projection-Out]) predicts the clean window P_0 of dense MediaPipe landmarks (478 x 3 = 1434
+values per frame, canonical pose). Long audio is covered by overlapping windows whose overlap frames are held
+to the previous window's result.
 
-What is confirmed by the paper ([C] in /work/shared/paper-notes.md section 1): the unit layout, the inputs
-(audio window, noisy landmark window, P̄), iterative denoising, dense frontal landmarks. Everything else here is
-our guess ([I]/[G]) and sits behind an `A2LConfig` field:
+Confirmed by the paper (docs/paper.md): the unit layout, the inputs (audio window, noisy landmark window, P̄),
+iterative denoising, dense frontal landmarks. Everything else here is our guess and sits behind an
+`A2LConfig` field:
 - Audio: the paper uses a pretrained wav2vec2, which cannot be downloaded here (no internet, no weights). We use
-  a hand-written 80-bin log-mel front end (hop 10 ms, 4 mel frames per 25 fps video frame, +-2 video frames of
-  context) and a small convolutional encoder + transformer trained jointly with the denoiser (`AudioEncoder`).
+  a hand-written 80-bin log-mel front end (`audio.py`: hop 10 ms, 4 mel frames per 25 fps video frame, +-2 video
+  frames of context) and a small convolutional encoder + transformer trained jointly with the denoiser
+  (`AudioEncoder`).
 - Diffusion target: canonical residuals x0 = (P - P̄) / residual_std (per-coordinate, dataset-wide), cosine
   schedule, x0 prediction ("sample"; "epsilon" is a switch), DDIM sampling on a "trailing" grid (starts at T-1).
 - Loss (MODA, same authors): MSE with lip points weighted x5 + L1 velocity loss on first differences of the
@@ -20,33 +22,27 @@ our guess ([I]/[G]) and sits behind an `A2LConfig` field:
   diffusion-vs-regression ablation.
 - Long audio: sliding windows of length l with overlap; overlap frames are replaced at every denoising step by
   the previous result noised to the current level (inpainting by replacement), and copied exactly at the end.
+
+Also here: `A2LWindows` (training windows from clips in the clip format), `compute_residual_std` and
+`predict_clips` (every held-out clip generated whole, for training-time checks and `evaluate.py a2l`).
 """
 from __future__ import annotations
 
 import bisect
-import functools
 import math
-import os
 import warnings
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
-import dreamhead
-from dreamhead import UsageError
-
-SAMPLE_RATE = 16000          # Hz, audio rate of every feature below
-FPS = 25                     # video frames per second
-HOP = 160                    # STFT hop in samples = 10 ms
-MEL_PER_FRAME = SAMPLE_RATE // FPS // HOP   # = 4 mel frames per video frame
-N_POINTS = 478               # MediaPipe FaceMesh with iris refinement
-LOG_FLOOR = 1e-5             # log(max(mel, LOG_FLOOR)); the log-mel value of silence
-# MediaPipe FACEMESH_LIPS (outer + inner lip contours), 40 points; weighted x lip_weight in the loss.
-LIP_INDICES = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191,
-               267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
+import clips
+import diffusion
+import landmarks
+from audio import FPS, MEL_PER_FRAME, padded_log_mel, prepare_wave, unfold_context
+from common import Config, TrainConfig, UsageError, option, train_settings
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,45 +50,44 @@ LIP_INDICES = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class A2LConfig:
-    """A2L model + training hyperparameters. Presets: `A2LConfig.preset("tiny" | "paper")`."""
+class A2LConfig(Config):
+    """The A2L model and its training settings; presets `A2LConfig.preset("tiny" | "paper")`."""
     # features
-    n_points: int = N_POINTS
-    n_mels: int = 80
-    context_frames: int = 2          # +- video frames of audio context per frame [G]
-    # network [G]: width d, number of (Temporal Unit, Mapping Unit) pairs, heads
-    width: int = 128
-    pairs: int = 2
-    heads: int = 4
-    audio_layers: int = 1            # transformer blocks over the window's audio tokens
-    temporal_conv: bool = True       # depthwise conv (k=3) after attention in each Temporal Unit
-    window: int = 16                 # l, frames per window
-    overlap: int = 4                 # frames held from the previous window when sampling long audio
-    # diffusion [G]
-    objective: str = "diffusion"     # "diffusion" | "regression" (ablation: x_t = 0, t = 0, one pass)
-    num_train_timesteps: int = 100
-    beta_schedule: str = "cosine"
-    prediction_type: str = "sample"  # "sample" (x0) | "epsilon"
-    sample_steps: int = 10           # DDIM steps at inference
-    timestep_spacing: str = "trailing"   # DDIM grid; "trailing" starts at t = T-1 (pure noise). With T = 100 and
-    #                                      10 steps "leading" starts at t = 90: 1.5x the lip error on our toy data
-    eta: float = 0.0
-    guidance: float = 1.0            # classifier-free guidance on audio; 1.0 = off
-    # loss [I] (MODA)
-    lip_weight: float = 5.0
-    velocity_weight: float = 1.0
-    audio_dropout: float = 0.1       # probability of dropping the audio condition in training (CFG)
-    # training loop (read by train.py)
-    lr: float = 1e-3
-    betas: tuple = (0.9, 0.99)
-    weight_decay: float = 0.01
-    warmup: int = 50
-    steps: int = 10000
-    batch_size: int = 16
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
+    n_points: int = option(landmarks.NUM_LANDMARKS, "Landmarks per frame (MediaPipe FaceMesh with irises).")
+    n_mels: int = option(80, "Mel bands of the log-mel audio features.")
+    context_frames: int = option(2, "Video frames of audio context on each side of a frame [guess].")
+    # network [guess]
+    width: int = option(128, "Token width d of the audio encoder and of every unit.")
+    pairs: int = option(2, "Number N of (Temporal Unit, Mapping Unit) pairs.")
+    heads: int = option(4, "Attention heads of every self-attention.")
+    audio_layers: int = option(1, "Transformer blocks over the window's audio tokens.")
+    temporal_conv: bool = option(True, "Each Temporal Unit adds a depthwise convolution (k = 3) after attention.")
+    window: int = option(16, "Window length l in frames, in training and sampling.")
+    overlap: int = option(4, "Frames each window holds from the previous one when sampling long audio.")
+    # diffusion [guess]
+    objective: str = option("diffusion", "Either diffusion or regression; regression is the ablation that "
+                            "predicts once from x_t = 0 at t = 0.")
+    num_train_timesteps: int = option(100, "Diffusion timesteps T of the training chain.")
+    beta_schedule: str = option("cosine", "Noise schedule: linear, scaled_linear or cosine (Nichol & Dhariwal).")
+    prediction_type: str = option("sample", "What the denoiser predicts: sample (x0) or epsilon.")
+    sample_steps: int = option(10, "DDIM steps at inference.")
+    timestep_spacing: str = option("trailing", "DDIM grid: trailing starts at t = T-1 (pure noise); with T = 100 "
+                                   "and 10 steps leading starts at t = 90 and gave 1.5x the lip error.")
+    eta: float = option(0.0, "DDIM eta; 0 is deterministic.")
+    guidance: float = option(1.0, "Classifier-free guidance scale on the audio at sampling; 1 turns it off.")
+    # loss (MODA's recipe)
+    lip_weight: float = option(5.0, "Loss weight of the 40 lip points against 1 for the others (MODA).")
+    velocity_weight: float = option(1.0, "Weight of the L1 loss on first differences over time (MODA).")
+    audio_dropout: float = option(0.1, "Probability of dropping the audio condition in training, for guidance.")
+    train: TrainConfig = train_settings()
 
-    PRESETS = ("tiny", "paper")
+    PRESETS = {
+        "tiny": dict(train=dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01, warmup=50, steps=10_000,
+                                batch_size=16, ema_decay=0.999, grad_clip=1.0)),  # CPU minutes
+        "paper": dict(width=512, pairs=8, heads=8, audio_layers=2, window=32, overlap=8, num_train_timesteps=1000,
+                      sample_steps=50, train=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01, warmup=1000,
+                                                  steps=200_000, batch_size=64, ema_decay=0.9999, grad_clip=1.0)),
+    }
 
     @property
     def ctx_mel_frames(self) -> int:
@@ -103,17 +98,8 @@ class A2LConfig:
     def n_coords(self) -> int:
         return self.n_points * 3
 
-    @classmethod
-    def preset(cls, name: str) -> "A2LConfig":
-        if name == "tiny":   # CPU minutes
-            return cls()
-        if name == "paper":  # GPU scale, blueprint 6.3
-            return cls(width=512, pairs=8, heads=8, audio_layers=2, window=32, overlap=8,
-                       num_train_timesteps=1000, sample_steps=50, lr=1e-4, warmup=1000, steps=200_000,
-                       batch_size=64, ema_decay=0.9999)
-        raise ValueError(f"unknown A2L preset {name!r}; valid presets: {', '.join(cls.PRESETS)}")
-
     def __post_init__(self):
+        super().__post_init__()
         if self.objective not in ("diffusion", "regression"):
             raise ValueError(f"objective must be 'diffusion' or 'regression', got {self.objective!r}")
         if self.prediction_type not in ("sample", "epsilon"):
@@ -122,179 +108,6 @@ class A2LConfig:
             raise ValueError(f"overlap must be in [0, window), got overlap={self.overlap} window={self.window}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        self.betas = tuple(self.betas)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Audio loading and loudness
-# ----------------------------------------------------------------------------------------------------------------
-
-def normalize_loudness(wave: np.ndarray, target_rms: float = 0.05, floor_rms: float = 1e-5,
-                       relative_gate: float = 1e-2, peak: float = 0.99) -> np.ndarray:
-    """Scale `wave` (S,) so the RMS over its non-silent 20 ms blocks equals `target_rms`, then limit the peak.
-
-    A block is non-silent when its RMS exceeds `relative_gate` x the loudest block's RMS (a relative gate, so a
-    quiet and a loud copy select the same blocks and come out identical). If even the loudest block is below
-    `floor_rms` the input is silence and zeros are returned. The peak limit scales the whole signal down
-    (linear, so it keeps the volume invariance).
-    """
-    wave = np.asarray(wave, dtype=np.float32)
-    if wave.ndim != 1:
-        raise ValueError(f"normalize_loudness expects a mono wave (S,), got shape {wave.shape}")
-    block = SAMPLE_RATE // 50
-    n_blocks = max(1, math.ceil(wave.size / block))
-    padded = np.zeros(n_blocks * block, dtype=np.float64)
-    padded[:wave.size] = wave
-    block_rms = np.sqrt((padded.reshape(n_blocks, block) ** 2).mean(axis=1))   # (n_blocks,)
-    loudest = float(block_rms.max()) if block_rms.size else 0.0
-    if loudest < floor_rms:
-        return np.zeros_like(wave)
-    active = block_rms > relative_gate * loudest
-    gain = target_rms / math.sqrt(float((block_rms[active] ** 2).mean()))
-    out = wave.astype(np.float64) * gain
-    top = float(np.abs(out).max())
-    if top > peak:
-        out *= peak / top
-    return out.astype(np.float32)
-
-
-def prepare_wave(samples: np.ndarray, sample_rate: int, source: str = "audio") -> np.ndarray:
-    """Any (S,) or (S, channels) int/float array at any rate -> normalised float32 mono (S',) at 16 kHz."""
-    from scipy.signal import resample_poly
-    x = np.asarray(samples)
-    if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float64) / float(np.iinfo(x.dtype).max + 1)
-    x = x.astype(np.float64)
-    if x.ndim == 2:
-        x = x.mean(axis=1)                                     # (S,) average of channels
-    if x.ndim != 1:
-        raise UsageError(f"{source}: expected mono or multi-channel audio, got array of shape {x.shape}")
-    if x.size == 0:
-        raise UsageError(f"{source}: the audio has no samples (zero length); give a file with sound in it")
-    if not np.isfinite(x).all():
-        raise UsageError(f"{source}: the audio contains NaN or infinite samples; re-export it as PCM")
-    if sample_rate <= 0:
-        raise UsageError(f"{source}: invalid sample rate {sample_rate}")
-    if sample_rate != SAMPLE_RATE:
-        g = math.gcd(int(sample_rate), SAMPLE_RATE)
-        x = resample_poly(x, SAMPLE_RATE // g, int(sample_rate) // g)
-    return normalize_loudness(x.astype(np.float32))
-
-
-def load_audio(path: str) -> np.ndarray:
-    """Read any wav/flac/ogg soundfile can read -> float32 mono (S,) at 16 kHz, loudness-normalised."""
-    import soundfile as sf
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UsageError(f"audio file not found: {path}; check the path")
-    if not os.path.isfile(path):
-        raise UsageError(f"audio path is not a file: {path}; give a wav/flac/ogg file")
-    try:
-        samples, sample_rate = sf.read(path, dtype="float32", always_2d=True)   # (S, channels)
-    except Exception as err:   # soundfile raises LibsndfileError/RuntimeError/TypeError on bad files
-        raise UsageError(f"cannot read audio file {path}: {str(err).strip() or type(err).__name__}; "
-                         "give a valid wav/flac/ogg file") from None
-    return prepare_wave(samples, sample_rate, source=path)
-
-
-def frames_for_duration(num_samples: int, sample_rate: int = SAMPLE_RATE, fps: int = FPS) -> int:
-    """Number of video frames covering `num_samples` of audio: ceil(num_samples / sample_rate * fps)."""
-    return -(-int(num_samples) * fps // sample_rate)   # exact integer ceil
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Log-mel features (written by hand; Slaney mel scale and area normalisation as librosa's defaults)
-# ----------------------------------------------------------------------------------------------------------------
-
-_F_SP = 200.0 / 3             # Hz per mel in the linear part of the Slaney scale
-_MIN_LOG_HZ = 1000.0          # the scale turns logarithmic above 1 kHz
-_MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
-_LOG_STEP = math.log(6.4) / 27.0
-
-
-def hz_to_mel(hz):
-    hz = np.asarray(hz, dtype=np.float64)
-    linear = hz / _F_SP
-    log_part = _MIN_LOG_MEL + np.log(np.maximum(hz, _MIN_LOG_HZ) / _MIN_LOG_HZ) / _LOG_STEP
-    return np.where(hz >= _MIN_LOG_HZ, log_part, linear)
-
-
-def mel_to_hz(mel):
-    mel = np.asarray(mel, dtype=np.float64)
-    linear = mel * _F_SP
-    log_part = _MIN_LOG_HZ * np.exp(_LOG_STEP * (np.maximum(mel, _MIN_LOG_MEL) - _MIN_LOG_MEL))
-    return np.where(mel >= _MIN_LOG_MEL, log_part, linear)
-
-
-@functools.lru_cache(maxsize=8)
-def mel_filterbank(sr: int = SAMPLE_RATE, n_fft: int = 512, n_mels: int = 80, fmin: float = 0.0,
-                   fmax: float = 8000.0) -> np.ndarray:
-    """Triangular mel filters (n_mels, n_fft//2 + 1), mel points equally spaced on the Slaney scale, each filter
-    scaled by 2 / (its bandwidth in Hz) so all have equal area (librosa htk=False, norm="slaney")."""
-    bin_hz = np.linspace(0.0, sr / 2.0, n_fft // 2 + 1)                               # (F,)
-    edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))  # (n_mels + 2,)
-    left, centre, right = edges_hz[:-2, None], edges_hz[1:-1, None], edges_hz[2:, None]
-    rising = (bin_hz[None] - left) / (centre - left)                                 # (n_mels, F)
-    falling = (right - bin_hz[None]) / (right - centre)
-    weights = np.maximum(0.0, np.minimum(rising, falling))
-    weights *= 2.0 / (right - left)
-    weights.setflags(write=False)
-    return weights
-
-
-def mel_spectrogram(wave, n_fft: int = 512, win_length: int = 400, hop: int = HOP, n_mels: int = 80,
-                    fmin: float = 0.0, fmax: float = 8000.0, sr: int = SAMPLE_RATE) -> torch.Tensor:
-    """Power mel spectrogram of (S,) or (B, S) -> (..., n_frames, n_mels), n_frames = 1 + S // hop.
-    Hann window of `win_length` zero-padded to `n_fft`, centred frames (zero padding at the ends)."""
-    wave = torch.as_tensor(wave)
-    if not wave.is_floating_point():
-        wave = wave.float()
-    if wave.ndim not in (1, 2):
-        raise ValueError(f"mel_spectrogram expects a wave (S,) or (B, S), got shape {tuple(wave.shape)}")
-    window = torch.hann_window(win_length, periodic=True, dtype=wave.dtype, device=wave.device)
-    spec = torch.stft(wave, n_fft=n_fft, hop_length=hop, win_length=win_length, window=window, center=True,
-                      pad_mode="constant", return_complex=True)                      # (..., F, n_frames)
-    power = spec.real ** 2 + spec.imag ** 2
-    fb = torch.tensor(mel_filterbank(sr, n_fft, n_mels, fmin, fmax), dtype=wave.dtype, device=wave.device)
-    return torch.matmul(fb, power).transpose(-1, -2)                                 # (..., n_frames, n_mels)
-
-
-def log_mel(wave, **kwargs) -> torch.Tensor:
-    """log(max(mel power, 1e-5)) of (S,) or (B, S) -> (..., n_frames, n_mels)."""
-    return torch.log(torch.clamp(mel_spectrogram(wave, **kwargs), min=LOG_FLOOR))
-
-
-def padded_log_mel(wave, num_frames: int | None = None, context_frames: int = 2, n_mels: int = 80) -> torch.Tensor:
-    """Log-mel of a 16 kHz wave (S,) cut or extended to exactly 4 mel frames per video frame, with 4k frames of
-    silence (log 1e-5) before and after: (4T + 8k, n_mels). T = frames_for_duration(S) unless given."""
-    wave = torch.as_tensor(np.asarray(wave, dtype=np.float32))
-    if wave.ndim != 1:
-        raise ValueError(f"expected a mono wave (S,), got shape {tuple(wave.shape)}")
-    n_video = frames_for_duration(wave.numel()) if num_frames is None else int(num_frames)
-    mel = log_mel(wave, n_mels=n_mels)                                               # (n_mel_frames, n_mels)
-    pad = MEL_PER_FRAME * context_frames
-    padded = torch.full((MEL_PER_FRAME * n_video + 2 * pad, n_mels), math.log(LOG_FLOOR), dtype=mel.dtype)
-    keep = min(mel.shape[0], MEL_PER_FRAME * n_video)
-    padded[pad:pad + keep] = mel[:keep]
-    return padded                                                                   # (4T + 2 pad, n_mels)
-
-
-def unfold_context(padded: torch.Tensor, context_frames: int = 2) -> torch.Tensor:
-    """(4T + 8k, n_mels) from `padded_log_mel` -> per-video-frame windows (T, (2k+1)*4, n_mels); frame i gets
-    mel frames 4(i-k) .. 4(i+k+1)-1. Vectorised with unfold (no loop over frames)."""
-    size = (2 * context_frames + 1) * MEL_PER_FRAME
-    windows = padded.unfold(0, size, MEL_PER_FRAME)                                  # (T, n_mels, C)
-    return windows.transpose(1, 2).contiguous()                                     # (T, C, n_mels)
-
-
-def mel_context(wave, num_frames: int | None = None, context_frames: int = 2, n_mels: int = 80) -> torch.Tensor:
-    """Per-video-frame audio context windows (T, (2k+1)*4, n_mels) from a 16 kHz wave (S,).
-
-    Video frame i owns mel frames 4i..4i+3 (10 ms hop, 25 fps), i.e. the audio of [i/25, (i+1)/25) s; its
-    context covers video frames i-k..i+k. T = frames_for_duration(S) unless `num_frames` is given. Beyond the
-    audio the log-mel of silence is used.
-    """
-    return unfold_context(padded_log_mel(wave, num_frames, context_frames, n_mels), context_frames)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,7 +116,7 @@ def mel_context(wave, num_frames: int | None = None, context_frames: int = 2, n_
 
 def positional_encoding(length: int, dim: int, device=None) -> torch.Tensor:
     """Sinusoidal encoding of window positions 0..length-1 -> (length, dim)."""
-    return dreamhead.timestep_embedding(torch.arange(length, device=device), dim)
+    return diffusion.timestep_embedding(torch.arange(length, device=device), dim)
 
 
 class TransformerBlock(nn.Module):
@@ -312,7 +125,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = dreamhead.SelfAttention(dim, heads)
+        self.attn = diffusion.SelfAttention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, h):
@@ -323,7 +136,7 @@ class TransformerBlock(nn.Module):
 class AudioEncoder(nn.Module):
     """Stand-in for the paper's pretrained wav2vec2 (not downloadable here): each video frame's log-mel context
     (C = (2k+1) * 4 mel frames, 80) -> a stride-4 conv that turns the 4 mel frames of each video frame into one
-    vector (the blueprint's 4 x 80 stacking) -> a k=3 conv across the 2k+1 context frames -> flatten -> linear
+    vector (a 4 x 80 stacking) -> a k=3 conv across the 2k+1 context frames -> flatten -> linear
     -> d-dim token; then transformer blocks over the window's tokens. Trained jointly with the denoiser."""
 
     MEL_MEAN, MEL_SCALE = -5.0, 4.0   # rough centring of log-mel values (silence = log(1e-5) = -11.5)
@@ -355,9 +168,9 @@ class TemporalUnit(nn.Module):
 
     def __init__(self, dim: int, heads: int, conv: bool):
         super().__init__()
-        self.norm = dreamhead.AdaLayerNorm(dim, dim)
-        self.attn = dreamhead.SelfAttention(dim, heads)
-        self.conv_norm = dreamhead.AdaLayerNorm(dim, dim) if conv else None
+        self.norm = diffusion.AdaLayerNorm(dim, dim)
+        self.attn = diffusion.SelfAttention(dim, heads)
+        self.conv_norm = diffusion.AdaLayerNorm(dim, dim) if conv else None
         self.conv = nn.Conv1d(dim, dim, 3, padding=1, groups=dim) if conv else None
 
     def forward(self, h, cond):
@@ -372,7 +185,7 @@ class MappingUnit(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.norm = dreamhead.AdaLayerNorm(dim, dim)
+        self.norm = diffusion.AdaLayerNorm(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, h, cond):
@@ -393,22 +206,22 @@ class A2L(nn.Module):
         self.proj_x = nn.Linear(K3, c.width)
         self.proj_audio = nn.Linear(c.width, c.width)
         self.proj_pbar = nn.Linear(K3, c.width)
-        self.step_embedder = dreamhead.TimestepEmbedder(c.width)
+        self.step_embedder = diffusion.TimestepEmbedder(c.width)
         self.units = nn.ModuleList()
         for _ in range(c.pairs):
             self.units.append(TemporalUnit(c.width, c.heads, c.temporal_conv))
             self.units.append(MappingUnit(c.width))
         # Projection-Out (zero-initialised: the untrained model predicts the mean residual)
-        self.norm_out = dreamhead.AdaLayerNorm(c.width, c.width)
+        self.norm_out = diffusion.AdaLayerNorm(c.width, c.width)
         self.proj_out = nn.Linear(c.width, K3)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-        self.scheduler = dreamhead.NoiseScheduler(num_train_timesteps=c.num_train_timesteps,
+        self.scheduler = diffusion.NoiseScheduler(num_train_timesteps=c.num_train_timesteps,
                                                   beta_schedule=c.beta_schedule, prediction_type=c.prediction_type,
                                                   timestep_spacing=c.timestep_spacing)
         self.register_buffer("residual_std", torch.ones(K3))       # (1434,), set from data
         weights = torch.ones(c.n_points, 3)
-        weights[[i for i in LIP_INDICES if i < c.n_points]] = c.lip_weight
+        weights[landmarks.LIPS[landmarks.LIPS < c.n_points]] = c.lip_weight
         self.register_buffer("coord_weights", weights.reshape(K3), persistent=False)   # (1434,)
 
     # -- data normalisation -------------------------------------------------------------------------------------
@@ -496,7 +309,7 @@ class A2L(nn.Module):
             target = x0
         drop = None
         if self.training and c.audio_dropout > 0:
-            drop = dreamhead.drop_condition_mask(B, c.audio_dropout, device)
+            drop = diffusion.drop_condition_mask(B, c.audio_dropout, device)
         out = self(x_t, t, mel_ctx, p_bar, drop)
         velocity_scale = torch.ones(B, 1, 1, device=device)
         if c.objective == "diffusion" and c.prediction_type == "epsilon":
@@ -527,7 +340,7 @@ class A2L(nn.Module):
         both = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([mel_ctx, mel_ctx]),
                     torch.cat([p_bar, p_bar]), drop, None if audio is None else torch.cat([audio, audio]))  # (2B, L, 1434)
         cond, uncond = both.chunk(2)
-        return dreamhead.cfg_combine(cond, uncond, guidance)
+        return diffusion.cfg_combine(cond, uncond, guidance)
 
     @torch.no_grad()
     def sample_window(self, mel_ctx, p_bar, steps=None, eta=None, guidance=None, generator=None, prefix=None):
@@ -599,7 +412,6 @@ class A2L(nn.Module):
         done = 0
         starts = window_starts(T, L, c.overlap)
         if progress:
-            from tqdm import tqdm
             starts = tqdm(starts, desc="A2L windows", unit="win")
         for s in starts:
             held = done - s
@@ -628,26 +440,21 @@ def window_starts(T: int, L: int, overlap: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 class A2LWindows(torch.utils.data.Dataset):
-    """Windows of (canonical landmarks, P̄, mel context) from clips written by data.py (.npz with landmarks
-    (T, 478, 3) pixel coords, fps, identity, audio int16 16 kHz, sample_rate).
+    """Windows of (canonical landmarks, P̄, mel context) from clips in the clip format (clips.load_clip).
 
     Canonical landmarks and the padded log-mel are computed once per clip and cached (the per-frame context
     windows are unfolded from it per item: 5x less memory than caching them). P̄ = mean canonical mesh of the
-    clip's identity over all given clips (the clip's own mean if it has no identity). Train: random window starts
-    (len = sum of ceil(T / L) over clips); eval: fixed windows tiling each clip, the last one shifted to its end.
-    Items: dict(landmarks (L, 478, 3), p_bar (478, 3), mel_ctx (L, C, 80), identity).
+    clip's identity over all given clips. Train: random window starts (len = sum of ceil(T / L) over clips);
+    eval: fixed windows tiling each clip, the last one shifted to its end.
+    Items: dict(landmarks (L, 478, 3), p_bar (478, 3), mel_ctx (L, C, 80)).
     """
 
-    def __init__(self, npz_paths, window: int, train: bool = True, context_frames: int = 2, n_mels: int = 80,
-                 canonicalize=None):
-        if canonicalize is None:
-            import landmarks
-            canonicalize = landmarks.canonicalize
+    def __init__(self, npz_paths, window: int, train: bool = True, context_frames: int = 2, n_mels: int = 80):
         npz_paths = list(npz_paths)
         self.window, self.train, self.context_frames = window, train, context_frames
         self.clips = []          # dicts: P (T, 478, 3) canonical float32, mel (4T + 8k, 80) padded log-mel, identity
         for path in npz_paths:
-            clip = self._load_clip(os.fspath(path), canonicalize, context_frames, n_mels)
+            clip = self._load_clip(str(path), context_frames, n_mels)
             if clip["P"].shape[0] < window:
                 warnings.warn(f"{path}: {clip['P'].shape[0]} frames < window {window}; clip skipped")
                 continue
@@ -666,35 +473,25 @@ class A2LWindows(torch.utils.data.Dataset):
         self._cum = np.cumsum(counts).tolist() if counts else None
 
     @staticmethod
-    def _load_clip(path, canonicalize, context_frames, n_mels):
-        try:
-            with np.load(path) as z:
-                P = np.asarray(z["landmarks"], dtype=np.float32)
-                audio = np.asarray(z["audio"])
-                sr = int(z["sample_rate"]) if "sample_rate" in z else SAMPLE_RATE
-                fps = float(z["fps"]) if "fps" in z else FPS
-                identity = int(z["identity"]) if "identity" in z else None
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise UsageError(f"cannot read clip {path}: {err}; regenerate it with data.py") from None
-        if P.ndim != 3 or P.shape[2] != 3:
-            raise UsageError(f"{path}: landmarks must be (T, 478, 3), got {P.shape}")
-        if fps != FPS:
-            raise UsageError(f"{path}: clip is {fps} fps, A2L expects {FPS} fps")
-        P_canon, _ = canonicalize(P)
-        wave = prepare_wave(audio.reshape(audio.shape[0], -1), sr, source=path)
+    def _load_clip(path, context_frames, n_mels):
+        clip = clips.load_clip(path)
+        P = clip["landmarks"]
+        if clip["fps"] != FPS:
+            raise UsageError(f"{path}: clip is {clip['fps']:g} fps, A2L expects {FPS} fps")
+        P_canon, _ = landmarks.canonicalize(P)
+        audio = clip["audio"]
+        wave = prepare_wave(audio.reshape(audio.shape[0], -1), clip["sample_rate"], source=path)
         mel = padded_log_mel(wave, num_frames=P.shape[0], context_frames=context_frames, n_mels=n_mels)
-        return {"P": torch.as_tensor(np.asarray(P_canon, dtype=np.float32)), "mel": mel, "identity": identity}
+        return {"P": torch.as_tensor(np.asarray(P_canon, dtype=np.float32)), "mel": mel, "identity": clip["identity"]}
 
     def _set_p_bar(self):
         sums, counts = {}, {}
         for clip in self.clips:
-            if clip["identity"] is not None:
-                key = clip["identity"]
-                sums[key] = sums.get(key, 0) + clip["P"].sum(0)      # (478, 3)
-                counts[key] = counts.get(key, 0) + clip["P"].shape[0]
-        for clip in self.clips:
             key = clip["identity"]
-            clip["p_bar"] = sums[key] / counts[key] if key is not None else clip["P"].mean(0)
+            sums[key] = sums.get(key, 0) + clip["P"].sum(0)      # (478, 3)
+            counts[key] = counts.get(key, 0) + clip["P"].shape[0]
+        for clip in self.clips:
+            clip["p_bar"] = sums[clip["identity"]] / counts[clip["identity"]]
 
     def __len__(self):
         return self._cum[-1] if self.train else len(self.items)
@@ -710,8 +507,7 @@ class A2LWindows(torch.utils.data.Dataset):
         end = start + self.window
         mel_ctx = unfold_context(clip["mel"][MEL_PER_FRAME * start:MEL_PER_FRAME * (end + 2 * self.context_frames)],
                                  self.context_frames)                  # (L, C, 80)
-        return {"landmarks": clip["P"][start:end], "p_bar": clip["p_bar"], "mel_ctx": mel_ctx,
-                "identity": -1 if clip["identity"] is None else clip["identity"]}
+        return {"landmarks": clip["P"][start:end], "p_bar": clip["p_bar"], "mel_ctx": mel_ctx}
 
 
 def compute_residual_std(dataset: A2LWindows, rel_floor: float = 0.05) -> torch.Tensor:
@@ -721,3 +517,15 @@ def compute_residual_std(dataset: A2LWindows, rel_floor: float = 0.05) -> torch.
                            for clip in dataset.clips])               # (sum T, 1434)
     std = residuals.std(dim=0)
     return std.clamp_min(max(float(std.max()) * rel_floor, 1e-6))
+
+
+@torch.no_grad()
+def predict_clips(model: A2L, dataset: A2LWindows, steps=None, seed=0, max_clips=None) -> list[dict]:
+    """Generate every clip of an A2LWindows dataset whole: [{truth, pred, p_bar}] canonical (T, 478, 3) arrays."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for clip in dataset.clips[:max_clips]:
+        mel_ctx = unfold_context(clip["mel"], dataset.context_frames)  # (T, C, 80)
+        pred = model.generate(mel_ctx, clip["p_bar"], steps=steps, generator=gen)  # (T, 478, 3)
+        out.append({"truth": clip["P"].numpy(), "pred": pred.numpy(), "p_bar": clip["p_bar"].numpy()})
+    return out

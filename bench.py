@@ -1,10 +1,9 @@
 """Speed and memory of DreamHead's inference paths: `python bench.py a2l [--ckpt ...] [--seconds 6 60]`.
 
-Peer systems take minutes of GPU time per second of video (../shared/peers.md), so speed and memory are
-measured here, not assumed. Each measurement runs in a fresh subprocess so peak memory (max RSS) belongs to
-that run alone.
+Peer systems take minutes of GPU time per second of video, so speed and memory are measured here, not assumed.
+Each measurement runs in a fresh subprocess so peak memory (max RSS) belongs to that run alone.
 
-a2l: sampling landmarks for audio of several lengths with `A2L.generate` (overlapping windows, Sec. 3.1):
+a2l: sampling landmarks for audio of several lengths with `A2L.generate` (overlapping windows, [A2L: Loop]):
      wall time, seconds of compute per second of audio, frames produced (must be ceil(duration x 25)),
      peak RSS of the process and its growth over the RSS just before sampling.
 """
@@ -21,7 +20,10 @@ import time
 import numpy as np
 import torch
 
-from dreamhead import run_cli
+from a2l import A2L, A2LConfig
+from audio import mel_context
+from common import run_cli
+from dreamhead import load_model
 
 
 def _rss_mb() -> float:
@@ -32,8 +34,6 @@ def _rss_mb() -> float:
 
 def a2l_once(ckpt: str | None, seconds: float, steps: int | None, threads: int) -> dict:
     """One measurement in this process: load (or build) the model, then generate for `seconds` of audio."""
-    from a2l import A2L, A2LConfig, mel_context
-    from dreamhead import load_model
     torch.set_num_threads(threads)
     model = load_model(ckpt, "a2l") if ckpt else A2L(A2LConfig.preset("tiny")).eval()
     cfg = model.config

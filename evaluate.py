@@ -1,10 +1,10 @@
 """Held-out evaluation of DreamHead's stages: `python evaluate.py a2l --ckpt runs/a2l/ckpt.pt [...]`.
 
 The paper evaluates on HDTF/MEAD with lip-sync, stability and image-quality metrics (its tables are not
-known to us, see ../shared/paper-notes.md section 4). Here each stage is measured on held-out synthetic
+known to us, see docs/paper.md). Here each stage is measured on held-out synthetic
 identities and sentences, whose ground truth is exact:
 
-A2L (Sec. 3.1), in canonical space (units of inter-ocular distance, IOD):
+A2L ([A2L: P_0]), in canonical space (units of inter-ocular distance, IOD):
   - lip LMD: mean L2 distance of the 40 MediaPipe lip points to the truth, in % of IOD;
   - mouth-opening correlation: Pearson correlation of predicted and true inner-lip opening over time,
     per clip (mean over clips) and pooled over all frames;
@@ -14,9 +14,9 @@ A2L (Sec. 3.1), in canonical space (units of inter-ocular distance, IOD):
   `--regressor CKPT`, the same network trained as a deterministic regressor (the diffusion-vs-regression
   ablation: `python train.py --stage a2l --objective regression --out runs/a2l_regression`).
 
-VAE (the frozen E / D of Fig. 2): PSNR of reconstructions over the whole frame and inside the mouth box.
+VAE ([L2I: E], [L2I: D]): PSNR of reconstructions over the whole frame and inside the mouth box.
 
-L2I (Sec. 3.2), frames rendered from the ground-truth landmarks of held-out clips with a reference frame
+L2I ([L2I: eps_theta]), frames rendered from the ground-truth landmarks of held-out clips with a reference frame
 tau_max frames earlier (so its mouth differs):
   - mouth-box PSNR against the truth, beside the baseline that copies the reference frame's mouth and the
     VAE's own reconstruction (the ceiling);
@@ -24,50 +24,30 @@ tau_max frames earlier (so its mouth differs):
     against the opening of the landmarks L2I was asked to render: Pearson correlation, and the detection rate.
   Several checkpoints side by side (`--ckpt name=path ...`) give the conditioning ablations.
 
-Cascade (`sample`): sample.py on held-out faces and sentences; MediaPipe's mouth opening on the output video
-against the ground truth of the sentence, and seconds of compute per second of audio.
+Cascade (`sample`, [Cascade]): dreamhead.DreamHead on held-out faces and sentences, as sample.py runs it;
+MediaPipe's mouth opening on the output video against the ground truth of the sentence, and seconds of compute
+per second of audio.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
+import time
 
 import numpy as np
+import soundfile
 import torch
 
+import clips
 import landmarks
-from dreamhead import atomic_write, load_model, run_cli
-
-
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    if a.std() < 1e-12 or b.std() < 1e-12:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-@torch.no_grad()
-def a2l_predictions(model, dataset, steps=None, seed=0, max_clips=None) -> list[dict]:
-    """Generate every held-out clip of an `a2l.A2LWindows` dataset: [{truth, pred, p_bar}] canonical (T, 478, 3)."""
-    from a2l import unfold_context
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for clip in dataset.clips[:max_clips]:
-        mel_ctx = unfold_context(clip["mel"], dataset.context_frames)  # (T, C, 80)
-        pred = model.generate(mel_ctx, clip["p_bar"], steps=steps, generator=gen)  # (T, 478, 3)
-        out.append({"truth": clip["P"].numpy(), "pred": pred.numpy(), "p_bar": clip["p_bar"].numpy()})
-    return out
-
-
-def landmark_metrics(preds: list[np.ndarray], truths: list[np.ndarray]) -> dict:
-    """Lip LMD (% IOD), mouth-opening correlation (per clip mean, pooled) and jitter of (T, 478, 3) sequences."""
-    lmd = np.mean([landmarks.lip_lmd(p, t).mean() for p, t in zip(preds, truths)]) * 100
-    open_p = [landmarks.mouth_opening(p) for p in preds]
-    open_t = [landmarks.mouth_opening(t) for t in truths]
-    per_clip = [_corr(p, t) for p, t in zip(open_p, open_t)]
-    return {"lip_lmd_pct_iod": float(lmd),
-            "opening_corr": float(np.nanmean(per_clip)) if not np.all(np.isnan(per_clip)) else float("nan"),
-            "opening_corr_pooled": _corr(np.concatenate(open_p), np.concatenate(open_t)),
-            "jitter": float(np.mean([landmarks.jitter(p) for p in preds]))}
+from a2l import A2LWindows, predict_clips
+from common import atomic_write, run_cli, save_png, to_tensor_image, to_uint8_image
+from dreamhead import DreamHead, load_model
+from l2i import L2IFrames, L2ILatents
+from metrics import UPSCALE, corr_by_identity, landmark_metrics, measured_opening, nan_corr, plot_opening, psnr
+from synth_clips import clips_or_synthetic
 
 
 def evaluate_a2l(models: dict, dataset, steps=None, seed=0, max_clips=None) -> tuple[dict, list[dict]]:
@@ -75,31 +55,13 @@ def evaluate_a2l(models: dict, dataset, steps=None, seed=0, max_clips=None) -> t
     per-clip predictions (for plots)."""
     rows, first = {}, None
     for name, model in models.items():
-        results = a2l_predictions(model, dataset, steps, seed, max_clips)
+        results = predict_clips(model, dataset, steps, seed, max_clips)
         first = first or results
         rows[name] = landmark_metrics([r["pred"] for r in results], [r["truth"] for r in results])
     truths = [r["truth"] for r in first]
     rows["static"] = landmark_metrics([np.broadcast_to(r["p_bar"], r["truth"].shape) for r in first], truths)
     rows["ground_truth"] = landmark_metrics(truths, truths)
     return rows, first
-
-
-def plot_opening(result: dict, path: str, title: str) -> None:
-    """Predicted against true mouth opening over time (one clip) as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    t = np.arange(len(result["truth"])) / 25
-    fig, ax = plt.subplots(figsize=(9, 2.8))
-    ax.plot(t, landmarks.mouth_opening(result["truth"]), label="ground truth", color="black")
-    ax.plot(t, landmarks.mouth_opening(result["pred"]), label="A2L prediction", color="tab:red")
-    ax.plot(t, np.full_like(t, landmarks.mouth_opening(result["p_bar"])), label="static P̄", color="tab:gray",
-            linestyle="--")
-    ax.set(xlabel="time (s)", ylabel="mouth opening (IOD)", title=title)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
 
 
 def format_table(rows: dict) -> str:
@@ -111,45 +73,10 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-UPSCALE = {"cubic": "INTER_CUBIC", "lanczos": "INTER_LANCZOS4"}  # --upscale choices -> OpenCV interpolation
-
-
-def measured_opening(frames: np.ndarray, detect_size: int = 256, upscale: str = "cubic") -> np.ndarray:
-    """Mouth opening / inter-ocular distance that MediaPipe measures on each frame (T, H, W, 3), upscaled to
-    detect_size px first with `upscale` (a key of UPSCALE; MediaPipe does not find 64 px faces); NaN where no
-    face is found."""
-    import cv2
-    if upscale not in UPSCALE:
-        raise ValueError(f"unknown upscale {upscale!r}; valid: {sorted(UPSCALE)}")
-    interpolation = getattr(cv2, UPSCALE[upscale])
-    out = np.full(len(frames), np.nan)
-    with landmarks.FaceMeshDetector(static_image_mode=True, max_num_faces=1) as detector:
-        for i, frame in enumerate(frames):
-            big = cv2.resize(frame, (detect_size, detect_size), interpolation=interpolation)
-            P = detector.detect(big)
-            if P is not None:
-                out[i] = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
-    return out
-
-
-def _nan_corr(a: np.ndarray, b: np.ndarray) -> float:
-    ok = np.isfinite(a) & np.isfinite(b)
-    return _corr(a[ok], b[ok]) if ok.sum() > 2 else float("nan")
-
-
-def _corr_by_identity(measured: np.ndarray, opening: np.ndarray, identity) -> dict:
-    """{"opening_corr_id<k>": correlation over identity k's frames} (identity: (N,) ints, or None -> {})."""
-    if identity is None:
-        return {}
-    identity = np.asarray(identity)
-    return {f"opening_corr_id{k}": _nan_corr(measured[identity == k], opening[identity == k])
-            for k in np.unique(identity)}
-
-
-def clip_identities(paths: list[str]) -> tuple[list[int], list[int]]:
-    """The identity number and the landmark frame count of each clip (data.py npz format), each file read once."""
-    clips = [np.load(p) for p in paths]
-    return [int(c["identity"]) for c in clips], [len(c["landmarks"]) for c in clips]
+def clip_identities(paths: list[str]) -> tuple[list[str], list[int]]:
+    """The identity and the landmark frame count of each clip, each file read once."""
+    loaded = [clips.load_clip(p) for p in paths]
+    return [c["identity"] for c in loaded], [len(c["landmarks"]) for c in loaded]
 
 
 @torch.no_grad()
@@ -158,16 +85,14 @@ def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, ident
     """PSNR (dB) of E -> D reconstructions over the frame and inside the mouth box, (N, S, S, 3) uint8 frames;
     with the true openings (N,) also how well MediaPipe's opening on the reconstructions follows them (the
     ceiling of the L2I's opening correlation: L2I renders through this decoder), per identity (N,) if given."""
-    from l2i import to_uint8_image
-    from vae import FrameDataset, psnr
-    x = FrameDataset.to_tensor(np.asarray(frames))  # (N, 3, S, S)
+    x = to_tensor_image(np.asarray(frames))  # (N, 3, S, S)
     rec = torch.cat([vae.decode(vae.encode(b).mode()) for b in x.split(batch)]).clamp(-1, 1)
     m = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # (N, 1, S, S)
     row = {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
     if opening is not None:
         measured, opening = measured_opening(to_uint8_image(rec), upscale=upscale), np.asarray(opening)
-        row["opening_corr"] = _nan_corr(measured, opening)
-        row.update(_corr_by_identity(measured, opening, identity))
+        row["opening_corr"] = nan_corr(measured, opening)
+        row.update(corr_by_identity(measured, opening, identity))
     return row
 
 
@@ -178,12 +103,10 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
     true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; the MediaPipe opening
     measured on the generated, the true and the VAE-reconstructed frames (the last two bound what L2I can reach);
     with `identities` (one int per clip) the generated frames' correlation per identity too."""
-    from l2i import to_tensor_image, to_uint8_image
-    from vae import psnr
     frames = latents.frames
     idx = list(range(0, len(latents), every))
     gen_all, truth_all, ref_all, rec_all, mouth_all, opening, clip_of = [], [], [], [], [], [], []
-    cfg = model.cfg
+    cfg = model.config
     z_T = torch.randn((1, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
                       generator=torch.Generator().manual_seed(seed))
     for start in range(0, len(idx), batch):
@@ -211,16 +134,15 @@ def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=Non
             "psnr_mouth_copy_ref": psnr(ref, truth, mask=mouth),
             "psnr_mouth_vae": psnr(rec, truth, mask=mouth),
             "psnr": psnr(gen, truth),
-            "opening_corr": _nan_corr(measured, opening),
+            "opening_corr": nan_corr(measured, opening),
             "detected": float(np.isfinite(measured).mean()),
-            "opening_corr_truth_frames": _nan_corr(measured_truth, opening),
-            "opening_corr_vae": _nan_corr(measured_vae, opening),
-            **_corr_by_identity(measured, opening, None if identities is None else np.asarray(identities)[clip_of])}
+            "opening_corr_truth_frames": nan_corr(measured_truth, opening),
+            "opening_corr_vae": nan_corr(measured_vae, opening),
+            **corr_by_identity(measured, opening, None if identities is None else np.asarray(identities)[clip_of])}
 
 
 def _named(specs: list[str]) -> dict:
     """["name=path", "path"] -> {name: path} (a bare path is named after its folder)."""
-    import os
     return dict(s.split("=", 1) if "=" in s else (os.path.basename(os.path.dirname(s)) or s, s) for s in specs)
 
 
@@ -234,11 +156,10 @@ def print_rows(rows: dict) -> None:
 
 
 def main_vae(args) -> dict:
-    from train import clip_paths, load_frames
     vae = load_model(args.ckpt, "vae")
-    size = vae.cfg.resolution
-    paths = clip_paths(args.data, "test", args.clips)
-    frames, P = load_frames(paths, size, "cache", vae.cfg.face_iod)
+    size = vae.config.resolution
+    paths = clips_or_synthetic(args.data, "test", args.clips)
+    frames, P = clips.clip_frames(paths, size, "cache", vae.config.face_iod)
     masks = np.stack([landmarks.mouth_mask(p, (size, size)) for p in P])
     opening = np.array([landmarks.mouth_opening(p) / landmarks.inter_ocular(p) for p in P])
     identity = np.repeat(*clip_identities(paths))
@@ -247,14 +168,12 @@ def main_vae(args) -> dict:
 
 
 def main_l2i(args) -> dict:
-    from l2i import L2IFrames, L2ILatents
-    from train import clip_paths
     vae = load_model(args.vae, "vae")
-    rows, paths = {}, clip_paths(args.data, "test", args.clips)
+    rows, paths = {}, clips_or_synthetic(args.data, "test", args.clips)
     datasets, identities = {}, clip_identities(paths)[0]
     for name, path in _named(args.ckpt).items():
         model = load_model(path, "l2i")
-        c = model.cfg
+        c = model.config
         key = (c.image_size, c.tau_max, c.mask_expand, c.face_iod)
         if key not in datasets:
             frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand,
@@ -267,35 +186,29 @@ def main_l2i(args) -> dict:
 
 
 def main_sample(args) -> dict:
-    """sample.py on held-out test clips: face = the clip's first frame, audio = its sentence."""
-    import os
-    import tempfile
-    import time
-
-    import cv2
-    import soundfile
-
-    import data
-    import sample
-    from train import clip_paths
+    """The cascade on held-out test clips as sample.py runs it: face = the clip's first frame (as a PNG), audio =
+    its sentence (as a wav); MediaPipe's opening on the written mp4 against the clip's true landmarks. CPU time
+    per second of audio counts generation and writing, not loading the models (done once)."""
+    model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i)  # CUDA when present, as sample.py
     rows = {}
-    paths = clip_paths(args.data, "test", args.clips)[: args.videos]
+    paths = clips_or_synthetic(args.data, "test", args.clips)[: args.videos]
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
-            clip = data.load_clip(path)
+            clip = clips.load_clip(path)
             face, wav, out = (os.path.join(tmp, n) for n in ("face.png", "speech.wav", "out.mp4"))
-            frame = data.read_frames(path[:-4] + ".mp4")[0]
-            cv2.imwrite(face, frame[..., ::-1])
+            save_png(face, clips.read_frames(clip["video"])[0])
             soundfile.write(wav, clip["audio"], clip["sample_rate"])
             start = time.process_time()
-            sample.main([wav, face, "--out", out] + args.sample_args)
+            talk = model.generate(wav, face, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                  crop_filter=args.crop_filter)
+            model.write_video(out, talk)
             cpu = time.process_time() - start
-            video = data.read_frames(out)
+            video = clips.read_frames(out)
             truth = clip["landmarks"]
             opening = landmarks.mouth_opening(truth) / landmarks.inter_ocular(truth)
             measured = measured_opening(video, detect_size=max(256, video.shape[1]), upscale=args.upscale)
             seconds = len(clip["audio"]) / clip["sample_rate"]
-            rows[os.path.basename(path)] = {"frames": len(video), "opening_corr": _nan_corr(measured, opening),
+            rows[os.path.basename(path)] = {"frames": len(video), "opening_corr": nan_corr(measured, opening),
                                             "detected": float(np.isfinite(measured).mean()),
                                             "cpu_s_per_audio_s": cpu / seconds}
             print(os.path.basename(path), rows[os.path.basename(path)], flush=True)
@@ -303,65 +216,65 @@ def main_sample(args) -> dict:
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="stage", required=True)
-    v = sub.add_parser("vae", help="reconstruction PSNR (frame, mouth box) on held-out clips")
-    v.add_argument("--ckpt", default="runs/vae/ckpt.pt")
-    i = sub.add_parser("l2i", help="mouth PSNR vs copy-the-reference and MediaPipe opening on held-out clips")
-    i.add_argument("--ckpt", nargs="+", default=["runs/l2i/ckpt.pt"], help="name=path or path, one or more")
-    i.add_argument("--vae", default="runs/vae/ckpt.pt")
-    i.add_argument("--every", type=int, default=4, help="evaluate every n-th frame")
-    s = sub.add_parser("sample", help="the whole cascade on held-out faces and sentences")
-    s.add_argument("--videos", type=int, default=4, help="held-out clips to dub")
-    s.add_argument("sample_args", nargs=argparse.REMAINDER, help="passed on to sample.py (after --)")
-    for q in (v, i, s):
-        q.add_argument("--data", default=None, help="held-out clips folder (default: synthetic test split)")
-        q.add_argument("--clips", type=int, default=20, help="synthetic held-out clips")
-        q.add_argument("--json", default=None, help="write the metrics here")
-        q.add_argument("--upscale", choices=sorted(UPSCALE), default="cubic", help="interpolation that upscales "
-                       "frames before MediaPipe detection; on soft 64 px frames the opening correlation moves by "
-                       "a few hundredths between them, either way (README 'VAE and L2I')")
-    for q in (i,):
-        q.add_argument("--guidance", type=float, default=None, help="classifier-free guidance on the landmarks "
-                       "(default: the config's)")
-        q.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the config's)")
-        q.add_argument("--seed", type=int, default=0)
-    a = sub.add_parser("a2l", help="lip LMD, mouth-opening correlation and jitter on held-out clips")
-    a.add_argument("--ckpt", default="runs/a2l/ckpt.pt")
-    a.add_argument("--regressor", default=None, help="checkpoint of the same network trained with "
-                   "--objective regression (the ablation)")
-    a.add_argument("--data", default=None, help="held-out clips folder (default: synthetic test split)")
-    a.add_argument("--clips", type=int, default=20, help="synthetic held-out clips")
-    a.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the config's)")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--plot", default=None, help="PNG of predicted vs true mouth opening of the first clip")
-    a.add_argument("--json", default=None, help="write the metrics here")
-    args = p.parse_args(argv)
-    if args.stage != "a2l":
-        if getattr(args, "sample_args", None) and args.sample_args[0] == "--":
-            args.sample_args = args.sample_args[1:]
-        rows = {"vae": main_vae, "l2i": main_l2i, "sample": main_sample}[args.stage](args)
-        print_rows(rows)
-        if args.json:
-            atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
-        return
-
-    from a2l import A2LWindows
-    from train import clip_paths
+def main_a2l(args) -> dict:
     models = {"a2l": load_model(args.ckpt, "a2l")}
     if args.regressor:
         models["regressor"] = load_model(args.regressor, "a2l")
     cfg = models["a2l"].config
-    paths = clip_paths(args.data, "test", args.clips)
+    paths = clips_or_synthetic(args.data, "test", args.clips)
     dataset = A2LWindows(paths, cfg.window, train=False, context_frames=cfg.context_frames, n_mels=cfg.n_mels)
     rows, results = evaluate_a2l(models, dataset, args.steps, args.seed)
     print(f"held-out clips: {len(dataset.clips)}, frames: {sum(len(c['P']) for c in dataset.clips)}")
     print(format_table(rows))
-    if args.json:
-        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
     if args.plot:
         plot_opening(results[0], args.plot, "held-out identity and sentence: mouth opening over time")
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+    a = sub.add_parser("a2l", help="lip LMD, mouth-opening correlation and jitter on held-out clips")
+    a.add_argument("--ckpt", default="runs/a2l/ckpt.pt", help="The A2L checkpoint.")
+    a.add_argument("--regressor", default=None, help="Checkpoint of the same network trained with --objective "
+                   "regression (the ablation).")
+    a.add_argument("--plot", default=None, help="PNG of predicted against true mouth opening of the first clip.")
+    v = sub.add_parser("vae", help="reconstruction PSNR (frame, mouth box) on held-out clips")
+    v.add_argument("--ckpt", default="runs/vae/ckpt.pt", help="The VAE checkpoint.")
+    i = sub.add_parser("l2i", help="mouth PSNR vs copy-the-reference and MediaPipe opening on held-out clips")
+    i.add_argument("--ckpt", nargs="+", default=["runs/l2i/ckpt.pt"], help="L2I checkpoints, name=path or path.")
+    i.add_argument("--vae", default="runs/vae/ckpt.pt", help="The VAE the L2I checkpoints were trained on.")
+    i.add_argument("--every", type=int, default=4, help="Evaluate every n-th frame.")
+    s = sub.add_parser("sample", help="the whole cascade on held-out faces and sentences")
+    s.add_argument("--videos", type=int, default=4, help="Held-out clips to dub.")
+    for stage in ("a2l", "vae", "l2i"):
+        s.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
+    s.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="How the face crop is "
+                   "shrunk to the model's size, as sample.py --crop-filter.")
+    for q in (a, v, i, s):
+        q.add_argument("--data", default=None, help="Folder of held-out clips; by default the synthetic test split.")
+        q.add_argument("--clips", type=int, default=20, help="Synthetic held-out clips.")
+        q.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
+    for q in (v, i, s):
+        q.add_argument("--upscale", choices=sorted(UPSCALE), default="cubic", help="Interpolation that upscales "
+                       "frames before MediaPipe detection; on soft 64 px frames the opening correlation moves by a "
+                       "few hundredths between them, either way (docs/experiments.md).")
+    for q in (a, i, s):
+        q.add_argument("--steps", type=int, default=None, help="DDIM steps; by default the config's.")
+        q.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise.")
+    for q in (i, s):
+        q.add_argument("--guidance", type=float, default=None, help="Classifier-free guidance scale; by default "
+                       "the config's.")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = {"a2l": main_a2l, "vae": main_vae, "l2i": main_l2i, "sample": main_sample}[args.stage](args)
+    if args.stage != "a2l":
+        print_rows(rows)
+    if args.json:
+        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
-"""Landmark-to-image (L2I) latent diffusion: the second hierarchy of DreamHead (paper Sec. 2 "L2I", Fig. 2).
+"""Landmark-to-image (L2I) latent diffusion: the second hierarchy of DreamHead (the framework figure's right half).
 
-Frame i is rendered from its dense (canonical) landmarks with a latent diffusion model whose denoiser eps_theta
-sees the noisy latent z_t together with four condition images, all encoded by the frozen VAE encoder E
-(paper Fig. 2, the "spatial-temporal correspondence condition"):
+Frame i is rendered from its dense (canonical) landmarks with a latent diffusion model whose denoiser
+[L2I: eps_theta] sees the noisy latent [L2I: z_t] together with four condition images, all encoded by the
+frozen VAE encoder [L2I: E] (the "spatial-temporal correspondence" condition, [L2I: Correspondence]):
 
-    I_mask   frame i with the mouth box blacked out          -> E(I_mask)
-    I_ref    the reference frame i - tau                      -> E(I_ref)
+    I_mask   frame i with the mouth box blacked out          -> E(I_mask)     [L2I: I_mask]
+    I_ref    the reference frame i - tau                      -> E(I_ref)      [L2I: I_ref / I^P_ref]
     I^P_ref  the canonical landmark image of frame i - tau    -> E(I^P_ref)
-    I^P_i    the canonical landmark image of frame i          -> E(I^P_i)
+    I^P_i    the canonical landmark image of frame i          -> E(I^P_i)      [L2I: I^P_i]
 
-The objective is the standard noise prediction ||eps - eps_theta(z_t, t, c)||^2 [confirmed by the eps_theta label
-in Fig. 2]. How the four latents enter eps_theta is not known; the summaries say "self-attention based conditioning".
-Our reading, switchable with `L2IConfig.conditioning` [guess, blueprint 6.2]:
+The objective is noise prediction ||eps - eps_theta(z_t, t, c)||^2 (inferred from the eps_theta label). How the
+four latents enter eps_theta is not known; summaries of the paper say "self-attention based conditioning". Our
+two readings, switched by `L2IConfig.conditioning` (guess; docs/paper.md):
 
 - "joint_attn" (default): every latent is a *slot* of one UNet. slot0 = concat_c(z_t, E(I_mask)); slots 1..3 =
   E(I_ref), E(I^P_ref), E(I^P_i), zero-padded to the same channel count, plus a learned slot embedding.
@@ -21,30 +21,28 @@ Our reading, switchable with `L2IConfig.conditioning` [guess, blueprint 6.2]:
 - "channel" (ablation, DiffTalk-like): one input concat_c(z_t, E(I_mask), E(I_ref), E(I^P_ref), E(I^P_i)).
 
 `use_reference=False` drops the reference pair (ablation "without the reference pair"). Classifier-free guidance
-on the landmark conditions [guess]: in training I^P_i and I^P_ref are replaced by a learned null latent with
-probability `cfg_dropout`; sampling mixes the two predictions with dreamhead.cfg_combine.
+on the landmark conditions (guess): in training I^P_i and I^P_ref are replaced by a learned null latent with
+probability `cfg_dropout`; sampling mixes the two predictions with diffusion.cfg_combine.
 
-Also here: `L2IFrames` (training pairs from clips, blueprint 6.4 "L2I training step"), `L2ILatents` (the same
-items with every condition pre-encoded once by E, so training needs no VAE pass), `condition_images` and
-`encode_conditions` (the same recipe at inference, with one shared reference pair broadcast over the frames) and
-`paste_back` (decoded frame blended into the source inside a feathered mouth mask, so everything outside the
-mouth keeps the source pixels).
+Also here: `L2IFrames` (training pairs from clips in the clip format), `L2ILatents` (the same items with every
+condition pre-encoded once by E, so training needs no VAE pass), `condition_images`, `reference_images` and
+`encode_conditions` (the same conditions at inference) and `paste_back` (a decoded frame blended into the source
+inside a feathered mouth mask, so everything outside the mouth keeps the source pixels).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import dreamhead
+import clips
+import diffusion
 import landmarks
+from common import Config, TrainConfig, UsageError, option, to_tensor_image, train_settings
 
 COND_KEYS = ("mask", "ref", "ref_lmk", "lmk")  # condition latents, in slot order
 REFERENCE_KEYS = ("ref", "ref_lmk")  # the reference pair (dropped by use_reference=False)
@@ -56,69 +54,63 @@ LANDMARK_KEYS = ("ref_lmk", "lmk")  # dropped together for classifier-free guida
 
 
 @dataclass
-class L2IConfig:
-    """Hyper-parameters of the L2I stage. Everything not in Fig. 2 is our guess (paper-notes 6.3)."""
+class L2IConfig(Config):
+    """The L2I model and its training settings. Everything not drawn in the figure is our guess (docs/paper.md)."""
 
-    # geometry: image_size px frames, VAE latents latent_channels x latent_size x latent_size
-    image_size: int = 64
-    latent_channels: int = 4
-    latent_size: int = 16
-    # conditioning (paper Fig. 2; the way it enters the UNet is our guess)
-    conditioning: str = "joint_attn"  # "joint_attn" | "channel"
-    use_reference: bool = True  # False: no I_ref / I^P_ref (ablation)
-    tau_min: int = 1  # reference offset |tau| range in frames (training); a far reference shows another mouth
-    tau_max: int = 25  # shape, so the mouth must come from the landmarks instead of being copied [guess]
-    tau_both_sides: bool = True  # reference may lie before or after frame i
-    mask_expand: float = 0.15  # relative growth of the mouth box
-    face_iod: float = 0.0  # framing: 0 = the rendered frames, > 0 = face crops with the eyes this fraction of the
-    # side apart (landmarks.face_crop_box); must be the VAE's, and sample.py frames faces with it [guess]
-    cfg_dropout: float = 0.1  # probability of dropping both landmark conditions in training
-    guidance: float = 1.0  # classifier-free guidance scale at sampling (1 = off)
+    # geometry
+    image_size: int = option(64, "Side in pixels of the frames L2I renders (the VAE's resolution).")
+    latent_channels: int = option(4, "Channels of the VAE latents.")
+    latent_size: int = option(16, "Side of the VAE latents.")
+    # conditioning (the figure's condition images; how they enter the UNet is our guess)
+    conditioning: str = option("joint_attn", "How the conditions meet z_t: joint_attn (every latent a slot of one "
+                               "self-attention, the paper's reading) or channel (concatenated, the ablation).")
+    use_reference: bool = option(True, "The reference pair I_ref, I^P_ref is used; false is the ablation without it.")
+    tau_min: int = option(1, "Smallest reference offset |tau| in frames during training.")
+    tau_max: int = option(25, "Largest reference offset |tau| in frames during training; a far reference shows "
+                          "another mouth shape, so the mouth must come from the landmarks [guess].")
+    tau_both_sides: bool = option(True, "The training reference may lie before or after frame i.")
+    mask_expand: float = option(0.15, "Relative growth of the mouth box that is blacked out, in training and "
+                                "sampling.")
+    face_iod: float = option(0.0, "Framing: 0 keeps the frames as rendered, a value > 0 cuts face crops with the "
+                             "eyes that fraction of the side apart; must equal the VAE's, and sample.py frames "
+                             "faces with it.")
+    cfg_dropout: float = option(0.1, "Probability of dropping both landmark conditions in training, for guidance.")
+    guidance: float = option(1.0, "Classifier-free guidance scale on the landmarks at sampling; 1 turns it off.")
     # denoiser
-    channels: tuple = (32, 64)  # one entry per resolution level
-    num_res_blocks: int = 1
-    attn_resolutions: tuple = (8,)  # latent side lengths with self-attention (the middle block always has it)
-    heads: int = 4
-    norm_groups: int = 8
-    attn_pos_emb: bool = True  # learned 2-D position embedding added before each attention [guess]
-    dropout: float = 0.0
+    channels: tuple = option((32, 64), "UNet widths, one per resolution level, given as 32,64.")
+    num_res_blocks: int = option(1, "ResBlocks per level.")
+    attn_resolutions: tuple = option((8,), "Latent sides with self-attention, given as 8 or 32,16,8 (the middle "
+                                     "block always has it).")
+    heads: int = option(4, "Heads of every self-attention.")
+    norm_groups: int = option(8, "Groups of every GroupNorm.")
+    attn_pos_emb: bool = option(True, "A learned 2-D position embedding is added before each attention [guess].")
+    dropout: float = option(0.0, "Dropout inside the ResBlocks.")
     # diffusion (eps prediction)
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    sample_steps: int = 25  # DDIM steps
-    eta: float = 0.0
-    # optimisation
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup: int = 200
-    grad_clip: float = 1.0
-    steps: int = 12000
-    batch_size: int = 8
-    ema_decay: float = 0.999
-    mouth_loss_weight: float = 2.0  # loss weight inside the (downsampled) mouth box; 1 = plain eps-MSE
+    num_train_timesteps: int = option(1000, "Diffusion timesteps T of the training chain.")
+    beta_schedule: str = option("scaled_linear", "Noise schedule: linear, scaled_linear (latent diffusion) or "
+                                "cosine.")
+    beta_start: float = option(0.00085, "First beta of the schedule.")
+    beta_end: float = option(0.012, "Last beta of the schedule.")
+    sample_steps: int = option(25, "DDIM steps at inference.")
+    eta: float = option(0.0, "DDIM eta; 0 is deterministic.")
+    mouth_loss_weight: float = option(2.0, "Loss weight inside the mouth box (on the latent grid); 1 is plain "
+                                      "eps-MSE.")
+    train: TrainConfig = train_settings()
 
-    @classmethod
-    def preset(cls, name: str) -> "L2IConfig":
-        """Named presets: "tiny" (64 px, CPU, under an hour) and "paper" (256 px, GPU)."""
-        presets = {
-            "tiny": cls(),
-            "paper": cls(
-                image_size=256, latent_size=32, channels=(128, 256, 512, 512), num_res_blocks=2,
-                attn_resolutions=(32, 16, 8), heads=8, norm_groups=32, tau_min=1, tau_max=60, sample_steps=50,
-                lr=1e-4, warmup=1000, steps=300_000, batch_size=64, ema_decay=0.9999, mouth_loss_weight=1.0,
-            ),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown L2I preset {name!r}; valid presets: {sorted(presets)}")
-        return presets[name]
+    PRESETS = {
+        "tiny": dict(train=dict(lr=5e-4, betas=(0.9, 0.999), weight_decay=0.01, warmup=200, steps=12_000,
+                                batch_size=8, ema_decay=0.999, grad_clip=1.0)),  # 64 px, CPU, under an hour
+        "paper": dict(image_size=256, latent_size=32, channels=(128, 256, 512, 512), num_res_blocks=2,
+                      attn_resolutions=(32, 16, 8), heads=8, norm_groups=32, tau_min=1, tau_max=60, sample_steps=50,
+                      mouth_loss_weight=1.0,
+                      train=dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, warmup=1000, steps=300_000,
+                                 batch_size=64, ema_decay=0.9999, grad_clip=1.0)),  # 256 px, GPU
+    }
 
     def __post_init__(self):
+        super().__post_init__()
         if self.conditioning not in ("joint_attn", "channel"):
             raise ValueError(f"conditioning must be 'joint_attn' or 'channel', got {self.conditioning!r}")
-        self.channels = tuple(self.channels)
-        self.attn_resolutions = tuple(self.attn_resolutions)
         if self.latent_size % 2 ** (len(self.channels) - 1):
             raise ValueError(f"latent_size {self.latent_size} is not divisible by 2^{len(self.channels) - 1}")
         for ch in self.channels:
@@ -132,8 +124,18 @@ class L2IConfig:
         """The condition latents this configuration uses, in slot order."""
         return tuple(k for k in COND_KEYS if self.use_reference or k not in REFERENCE_KEYS)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+def check_vae_matches(vae_config, config: L2IConfig) -> None:
+    """UsageError unless the VAE's resolution, latent shape and framing are the ones this L2I model works on."""
+    size, s = config.image_size, config.latent_size
+    if vae_config.resolution != size or tuple(vae_config.latent_shape) != (config.latent_channels, s, s):
+        raise UsageError(f"the VAE ({vae_config.resolution} px -> {tuple(vae_config.latent_shape)}) does not match "
+                         f"the L2I model ({size} px -> {config.latent_channels}x{s}x{s}); give the VAE the L2I "
+                         "model was trained with (--vae), or a matching preset")
+    if vae_config.face_iod != config.face_iod:
+        raise UsageError(f"the VAE was trained on faces framed with face_iod {vae_config.face_iod:g}, the L2I model "
+                         f"with {config.face_iod:g}; give the VAE the L2I model was trained with, or pass "
+                         f"--face-iod {vae_config.face_iod:g}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ class SlotAttention(nn.Module):
     def __init__(self, ch: int, heads: int, groups: int, res: int, pos_emb: bool):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch)
-        self.attn = dreamhead.SelfAttention(ch, heads)
+        self.attn = diffusion.SelfAttention(ch, heads)
         self.pos = nn.Parameter(torch.zeros(1, ch, res, res)) if pos_emb else None
         self.prune_after = False  # set by LatentUNet on the last attention layer: later layers need slot 0 only
 
@@ -193,14 +195,14 @@ class SlotAttention(nn.Module):
 
 
 class LatentUNet(nn.Module):
-    """eps_theta of Fig. 2: a latent UNet with ResBlocks, skips and self-attention at low resolutions.
+    """[L2I: eps_theta]: a latent UNet with ResBlocks, skips and self-attention at low resolutions.
 
     forward(z_t (B, 4, h, w), t (B,) or int, cond {key: (B or 1, 4, h, w)}) -> eps_hat (B, 4, h, w).
     Condition latents with batch 1 are broadcast over the B frames with `expand` (no copy)."""
 
     def __init__(self, cfg: L2IConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         C = cfg.latent_channels
         self.cond_keys = cfg.cond_keys
         self.joint = cfg.conditioning == "joint_attn"
@@ -208,7 +210,7 @@ class LatentUNet(nn.Module):
         in_ch = 2 * C if self.joint else C * (1 + len(self.cond_keys))
         ch0, groups = cfg.channels[0], cfg.norm_groups
         emb_dim = 4 * ch0
-        self.time_embed = dreamhead.TimestepEmbedder(emb_dim)
+        self.time_embed = diffusion.TimestepEmbedder(emb_dim)
         self.slot_emb = nn.Parameter(torch.randn(self.n_slots, emb_dim) * 0.02)  # added to the t-embedding
         self.slot_in = nn.Parameter(torch.randn(self.n_slots, ch0, 1, 1) * 0.02)  # added to the input features
         self.conv_in = nn.Conv2d(in_ch, ch0, 3, padding=1)
@@ -257,7 +259,7 @@ class LatentUNet(nn.Module):
 
     def expand_cond(self, cond: dict, batch: int) -> dict:
         """Check the condition latents and broadcast batch-1 entries to `batch` (a view, not a copy)."""
-        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        C, s = self.config.latent_channels, self.config.latent_size
         out = {}
         for k in self.cond_keys:
             if k not in cond:
@@ -280,7 +282,7 @@ class LatentUNet(nn.Module):
         return x.flatten(0, 1)  # (B*S, 2C, h, w)
 
     def forward(self, z_t: torch.Tensor, t, cond: dict) -> torch.Tensor:
-        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        C, s = self.config.latent_channels, self.config.latent_size
         if z_t.dim() != 4 or z_t.shape[1:] != (C, s, s):
             raise ValueError(f"z_t must be (B, {C}, {s}, {s}), got {tuple(z_t.shape)}")
         B, S = z_t.shape[0], self.n_slots
@@ -332,9 +334,9 @@ class L2I(nn.Module):
 
     def __init__(self, cfg: L2IConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.unet = LatentUNet(cfg)
-        self.scheduler = dreamhead.NoiseScheduler(
+        self.scheduler = diffusion.NoiseScheduler(
             num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
             beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon",
         )
@@ -355,17 +357,17 @@ class L2I(nn.Module):
         return {**cond, **{k: self.null_lmk for k in LANDMARK_KEYS if k in cond}}
 
     def loss(self, z0: torch.Tensor, cond: dict):
-        """eps-MSE of Fig. 2 (optionally weighted inside the mouth box). Returns (loss, logs)."""
-        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        """The eps-MSE of [L2I: eps_theta] (optionally weighted inside the mouth box). Returns (loss, logs)."""
+        C, s = self.config.latent_channels, self.config.latent_size
         if z0.dim() != 4 or z0.shape[1:] != (C, s, s):
             raise ValueError(f"z0 must be (B, {C}, {s}, {s}), got {tuple(z0.shape)}")
         B = z0.shape[0]
         noise = torch.randn_like(z0)
-        t = torch.randint(0, self.cfg.num_train_timesteps, (B,), device=z0.device)
+        t = torch.randint(0, self.config.num_train_timesteps, (B,), device=z0.device)
         z_t = self.scheduler.add_noise(z0, noise, t)
         drop = torch.zeros(B, dtype=torch.bool, device=z0.device)
-        if self.training and self.cfg.cfg_dropout > 0:
-            drop = dreamhead.drop_condition_mask(B, self.cfg.cfg_dropout, z0.device)
+        if self.training and self.config.cfg_dropout > 0:
+            drop = diffusion.drop_condition_mask(B, self.config.cfg_dropout, z0.device)
             cond = self.drop_landmarks(cond, drop)
         eps_hat = self.unet(z_t, t, cond)
         err = (eps_hat - self.scheduler.training_target(z0, noise, t)) ** 2  # (B, C, h, w)
@@ -376,26 +378,26 @@ class L2I(nn.Module):
 
     def _loss_weight(self, mouth, z0):
         """1 outside, mouth_loss_weight inside the mouth box downsampled to the latent grid: (B, 1, h, w)."""
-        if mouth is None or self.cfg.mouth_loss_weight == 1.0:
+        if mouth is None or self.config.mouth_loss_weight == 1.0:
             return torch.ones_like(z0[:, :1])
         m = F.adaptive_avg_pool2d(mouth.to(z0.dtype), z0.shape[-2:])  # (B, 1, h, w)
-        return 1.0 + (self.cfg.mouth_loss_weight - 1.0) * m
+        return 1.0 + (self.config.mouth_loss_weight - 1.0) * m
 
     @torch.no_grad()
     def sample(self, cond: dict, steps: int | None = None, eta: float | None = None, guidance: float | None = None,
                generator: torch.Generator | None = None, progress: bool = False,
                z_T: torch.Tensor | None = None) -> torch.Tensor:
-        """DDIM sampling of z0 for a batch of frames (paper Fig. 2, "(T-1) diffusion steps").
+        """DDIM sampling of z0 for a batch of frames (the figure's "(T-1) diffusion steps").
 
         z_T: optional starting noise (B or 1, C, h, w); one noise shared by every frame of a video keeps the
         frames from flickering and makes the result independent of how frames are batched [our choice].
         The batch is the largest condition batch; batch-1 entries (the shared reference) are broadcast.
         guidance != 1 adds an unconditional pass (landmarks -> null) per step: eps = cfg_combine(c, u, guidance)."""
-        steps = steps or self.cfg.sample_steps
-        eta = self.cfg.eta if eta is None else eta
-        guidance = self.cfg.guidance if guidance is None else guidance
-        B = max(cond[k].shape[0] for k in self.cfg.cond_keys)
-        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        steps = steps or self.config.sample_steps
+        eta = self.config.eta if eta is None else eta
+        guidance = self.config.guidance if guidance is None else guidance
+        B = max(cond[k].shape[0] for k in self.config.cond_keys)
+        C, s = self.config.latent_channels, self.config.latent_size
         device = self.null_lmk.device
         noise_device = generator.device if generator is not None else device
         if z_T is None:
@@ -407,7 +409,7 @@ class L2I(nn.Module):
             t_batch = torch.full((B,), t, dtype=torch.long, device=device)
             eps = self.unet(z, t_batch, cond)
             if uncond is not None:
-                eps = dreamhead.cfg_combine(eps, self.unet(z, t_batch, uncond), guidance)
+                eps = diffusion.cfg_combine(eps, self.unet(z, t_batch, uncond), guidance)
             z, _ = self.scheduler.step(eps, t, z, eta=eta, generator=generator)
         return z
 
@@ -425,44 +427,26 @@ def encode_conditions(vae, images: dict, batch_size: int = 64) -> dict:
 # Condition images and data
 
 
-def to_tensor_image(img: np.ndarray) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float tensor in [-1, 1], (..., 3, H, W)."""
-    x = torch.from_numpy(np.array(img, dtype=np.float32)) / 127.5 - 1.0  # np.array copies: writable
-    return x.movedim(-1, -3)  # (..., 3, H, W)
-
-
-def to_uint8_image(x: torch.Tensor) -> np.ndarray:
-    """float tensor in [-1, 1], (..., 3, H, W) -> uint8 (..., H, W, 3)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
-
-
 def landmark_image(P_canon: np.ndarray, size: int) -> np.ndarray:
     """Canonical landmarks (478, 3) -> the rendered mesh on a white canvas, uint8 (size, size, 3)
     (for a sequence (T, 478, 3) use landmarks.draw_landmark_images on canonical_to_canvas)."""
     return landmarks.draw_landmark_image(landmarks.canonical_to_canvas(P_canon, size), size)
 
 
-def condition_images(frames: np.ndarray, P_px: np.ndarray, P_canon: np.ndarray, ref_frame: np.ndarray,
-                     ref_P_canon: np.ndarray, mask_expand: float) -> dict:
-    """The condition images of Fig. 2 for a batch of target frames sharing one reference (inference).
+def condition_images(frames: np.ndarray, boxes, P_canon: np.ndarray) -> dict:
+    """[L2I: I_mask] and [L2I: I^P_i] of a batch of frames at inference, built as L2IFrames builds training items:
+    frames uint8 (B, S, S, 3), their mouth boxes (B, 4) in pixels, canonical landmarks (B, 478, 3) ->
+    {"mask", "lmk"}: float tensors (B, 3, S, S) in [-1, 1]."""
+    size = frames.shape[1]
+    masked = np.stack([landmarks.apply_mouth_mask(f, b) for f, b in zip(frames, boxes)])  # (B, S, S, 3)
+    lmk = landmarks.draw_landmark_images(landmarks.canonical_to_canvas(P_canon, size), size)  # (B, S, S, 3)
+    return {"mask": to_tensor_image(masked), "lmk": to_tensor_image(lmk)}
 
-    frames: uint8 (T, S, S, 3) source frames; P_px: (T, 478, 3) their landmarks in pixels of these frames (for the
-    mouth boxes); P_canon: (T, 478, 3) canonical landmarks that drive the mouth (A2L output or ground truth);
-    ref_frame: uint8 (S, S, 3) and ref_P_canon (478, 3): the reference pair. Returns float tensors in [-1, 1]:
-    mask, lmk (T, 3, S, S); ref, ref_lmk (1, 3, S, S) (broadcast by the model); mouth (T, 1, S, S) box masks.
-    Built exactly as L2IFrames builds training items."""
-    T, size = len(frames), frames.shape[1]
-    if frames.shape[1:] != (size, size, 3) or len(P_px) != T or len(P_canon) != T:
-        raise ValueError(f"need square frames (T, S, S, 3) and (T, 478, 3) landmarks, got {frames.shape}, "
-                         f"{np.shape(P_px)}, {np.shape(P_canon)}")
-    boxes = [landmarks.mouth_box(p, (size, size), mask_expand) for p in P_px]
-    masked = np.stack([landmarks.apply_mouth_mask(f, b) for f, b in zip(frames, boxes)])  # (T, S, S, 3)
-    lmk = landmarks.draw_landmark_images(landmarks.canonical_to_canvas(P_canon, size), size)  # (T, S, S, 3)
-    ref_lmk = landmark_image(ref_P_canon, size)[None]  # (1, S, S, 3)
-    return {"mask": to_tensor_image(masked), "lmk": to_tensor_image(lmk),
-            "ref": to_tensor_image(ref_frame[None]), "ref_lmk": to_tensor_image(ref_lmk),
-            "mouth": torch.from_numpy(np.stack([_box_mask(b, size) for b in boxes]))}
+
+def reference_images(frame: np.ndarray, P_canon: np.ndarray) -> dict:
+    """[L2I: I_ref / I^P_ref] at inference: one reference frame uint8 (S, S, 3) and its canonical landmarks
+    (478, 3) -> {"ref", "ref_lmk"}: float tensors (1, 3, S, S), broadcast over the frames by the model."""
+    return {"ref": to_tensor_image(frame[None]), "ref_lmk": to_tensor_image(landmark_image(P_canon, len(frame))[None])}
 
 
 def _box_mask(box, size: int) -> np.ndarray:
@@ -474,62 +458,35 @@ def _box_mask(box, size: int) -> np.ndarray:
 
 
 class L2IFrames(torch.utils.data.Dataset):
-    """Training/eval pairs for L2I (blueprint 6.4): frame i, a reference frame i +- tau and the condition images.
+    """Training/eval pairs for L2I: frame i, a reference frame i +- tau and the condition images.
 
-    clips: sequence of
-        - paths of synthetic-clip npz files (data.py: the mp4 beside it is decoded at `size`), or
-        - dicts with "landmarks" float (T, 478, 3) in pixel coordinates of the original frames (z scaled like x)
-          and either "frames" uint8 (T, H, W, 3) of any size (resized to `size`) or "video" = an mp4 path plus
-          "frame_size" = the original H = W (int) or (H, W).
+    sources: clips in the clip format, as npz paths (clips.load_clip) or as loaded dicts (landmarks, frame_size
+    and either "frames" uint8 (T, H, W, 3) or "video", a path). Frames are resized whole to `size`, or with
+    face_iod > 0 face crops framed by landmarks.face_crop_box are cut out of the full-resolution frames
+    (L2IConfig.face_iod); clips.decoded_clip does either.
     Items are dicts of float tensors in [-1, 1]: target, mask, ref, ref_lmk, lmk (3, size, size), plus
     mouth (1, size, size) in {0, 1} and the integer indices clip, frame, ref_frame.
     train=True draws tau uniformly in [tau_min, tau_max] (either side of i when tau_both_sides); train=False uses
-    tau_max before i (after i near the clip start), so items are deterministic. face_iod > 0 cuts per-frame face
-    crops framed by landmarks.face_crop_box out of the full-resolution frames instead (L2IConfig.face_iod).
+    tau_max before i (after i near the clip start), so items are deterministic.
     All landmark images are drawn once here, so __getitem__ only slices arrays."""
 
-    def __init__(self, clips, size: int, tau_min: int, tau_max: int, train: bool = True,
+    def __init__(self, sources, size: int, tau_min: int, tau_max: int, train: bool = True,
                  mask_expand: float = 0.15, tau_both_sides: bool = True, face_iod: float = 0.0):
         if not 0 <= tau_min <= tau_max:
             raise ValueError(f"need 0 <= tau_min <= tau_max, got {tau_min}, {tau_max}")
         self.size, self.tau_min, self.tau_max, self.train = size, tau_min, tau_max, train
         self.face_iod = face_iod
         self.mask_expand, self.tau_both_sides = mask_expand, tau_both_sides
-        self.clips = [self._prepare(c) for c in tqdm(clips, desc="L2I frames", leave=False, disable=len(clips) < 4)]
+        self.clips = [self._prepare(c) for c in tqdm(sources, desc="L2I frames", leave=False, disable=len(sources) < 4)]
         self.index = [(c, i) for c, clip in enumerate(self.clips) for i in range(len(clip["frames"]))]
 
-    def _load(self, clip) -> tuple:
-        """-> (frames uint8 (T, size, size, 3), landmarks (T, 478, 3) in the pixels of (H, W), (H, W)): the
-        frames resized whole, or with face_iod > 0 face crops (and landmarks in crop pixels, H = W = size)."""
-        if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__"):
-            path = str(clip)
-            clip = dict(data.load_clip(path), video=path[: -len(".npz")] + ".mp4")
-        P = np.asarray(clip["landmarks"], np.float32)
-        if "frames" in clip:
-            frames = np.asarray(clip["frames"])
-            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-                raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-            hw = frames.shape[1:3]
-        else:
-            frames = data.read_frames(clip["video"], None if self.face_iod else self.size)
-            hw = np.broadcast_to(np.asarray(clip["frame_size"]), (2,))
-        if self.face_iod:
-            if P.shape != (len(frames), 478, 3):
-                raise ValueError(f"landmarks must be ({len(frames)}, 478, 3), got {P.shape}")
-            P = P * np.float32(frames.shape[1] / hw[0])  # (T, 478, 3) in pixels of `frames`
-            frames, P = landmarks.crop_clip_faces(frames, P, self.size, self.face_iod)
-            return frames, P, (self.size, self.size)
-        if frames.shape[1:3] != (self.size, self.size):
-            frames = np.stack([cv2.resize(f, (self.size, self.size), interpolation=cv2.INTER_AREA) for f in frames])
-        return frames, P, (int(hw[0]), int(hw[1]))
-
-    def _prepare(self, clip) -> dict:
+    def _prepare(self, source) -> dict:
         size = self.size
-        frames, P, (H, W) = self._load(clip)
-        if P.ndim != 3 or P.shape[1:] != (478, 3) or len(P) != len(frames):
-            raise ValueError(f"landmarks must be ({len(frames)}, 478, 3), got {P.shape}")
-        P_px = P * np.array([size / W, size / H, size / W], np.float32)  # (T, 478, 3) in `size` pixels
-        P_canon, _ = landmarks.canonicalize(P)  # (T, 478, 3)
+        clip = source if isinstance(source, dict) else clips.load_clip(str(source))
+        frames, P_px = clips.decoded_clip(clip, size, self.face_iod)  # (T, size, size, 3), (T, 478, 3) in their px
+        # the canonical pose fit is scale-free: fit it on the landmarks as measured (crop pixels for face crops)
+        P_canon, _ = landmarks.canonicalize(P_px if self.face_iod else np.asarray(clip["landmarks"][:len(P_px)],
+                                                                                  np.float32))  # (T, 478, 3)
         lmk_images = landmarks.draw_landmark_images(landmarks.canonical_to_canvas(P_canon, size), size)
         boxes = [landmarks.mouth_box(p, (size, size), self.mask_expand) for p in P_px]
         return {"frames": frames, "P_px": P_px, "lmk_images": lmk_images, "boxes": boxes}
@@ -609,7 +566,7 @@ class L2ILatents(torch.utils.data.Dataset):
 
 
 def paste_back(generated: np.ndarray, source: np.ndarray, soft_mask: np.ndarray) -> np.ndarray:
-    """Blend generated frame(s) into the source inside a feathered mouth mask (blueprint 6.4, step 4).
+    """Blend generated frame(s) into the source inside a feathered mouth mask (our guess, docs/paper.md).
 
     generated, source: uint8 (T, H, W, 3) or (H, W, 3); soft_mask: float (H, W) or (T, H, W) in [0, 1].
     Pixels where the mask is 0 are the source's pixels exactly."""

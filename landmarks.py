@@ -1,17 +1,17 @@
-"""Dense facial landmarks for DreamHead: 478-point MediaPipe FaceMesh, canonical pose, drawing, measures.
+"""Dense facial landmarks: 478-point MediaPipe FaceMesh, the canonical pose, landmark images, mouth box, face
+crops and landmark measures (the layer under both stages; citations use the figure's boxes, docs/paper.md).
 
-Paper parts (section numbers of /work/shared/paper-notes.md; the paper's own text was not available):
-- Sections 1 (A2L) and 3 (data): the A2L stage predicts *dense* landmarks, the MediaPipe FaceMesh topology with iris
-  refinement (468 mesh + 10 iris points = 478, 3D), normalised to a canonical, frontal pose so that
-  expression is separated from head pose and position [C/S]. MODA (same authors) fits the pose with an
-  external estimator; we do not have one offline, so our canonical pose is a per-frame similarity transform
-  (rotation R, isotropic scale s, translation t) fitted by Umeyama/Procrustes (with scale, no reflection)
-  on RIGID points (eye corners, nose bridge, forehead, temples) to a fixed frontal template [G]. The
-  transform is kept so that it can be inverted.
-- Section 2 (L2I) / framework figure: landmark images are MediaPipe meshes on a plain (white) canvas with coloured
-  contours, drawn from canonical landmarks; the masked frame has a black box from under the nose to the
-  chin, cheek to cheek (`mouth_box`).
-- Section 4: lip LMD, mouth opening and jitter (mean |second difference|) measures.
+- [A2L: P_0] the A2L stage predicts *dense* landmarks, the MediaPipe FaceMesh topology with iris
+  refinement (468 mesh + 10 iris points = 478, 3D), in a canonical, frontal pose so that expression is
+  separated from head pose and position (confirmed). MODA (same authors) fits the pose with an external
+  estimator; we have none offline, so our canonical pose is a per-frame similarity transform (rotation R,
+  isotropic scale s, translation t) fitted by Umeyama/Procrustes (with scale, no reflection) on RIGID points
+  (eye corners, nose bridge, forehead, temples) to a fixed frontal template (guess). The transform is kept so
+  that it can be inverted.
+- [L2I: I^P_i] and [L2I: I_ref / I^P_ref]: landmark images are MediaPipe meshes on a plain (white) canvas with
+  coloured contours, drawn from canonical landmarks (inferred from the figure); [L2I: I_mask] the masked frame
+  has a black box from under the nose to the chin, cheek to cheek (`mouth_box`; guess).
+- Measures: lip LMD, mouth opening and jitter (mean |second difference|).
 
 Coordinates and units
 - Image landmarks (`detect*`): pixels; x to the right, y down, z = MediaPipe's relative depth scaled like x
@@ -23,24 +23,23 @@ Coordinates and units
 - "Left"/"right" in index names follow MediaPipe: the subject's left (the image's right side for a
   frontal face).
 
-The template (assets/canonical_template.npy, `make_canonical_template`, `python landmarks.py template`):
-MediaPipe detections on two real frontal photos (skimage's astronaut, matplotlib's Grace Hopper), each
-frontalised (yaw and roll removed using the face's mirror symmetry; the photos' own pitch is kept), centred
-and scaled to IOD 1, averaged, then mirror-symmetrised with the mesh's left/right point pairing (found by
-matching mirrored positions), re-centred at the RIGID centroid and rescaled to IOD = 1.
+The template (assets/canonical_template.npy, rebuilt by `python data.py template`): MediaPipe detections on
+two real frontal photos (skimage's astronaut, matplotlib's Grace Hopper), each frontalised (yaw and roll
+removed using the face's mirror symmetry; the photos' own pitch is kept), centred and scaled to IOD 1,
+averaged, then mirror-symmetrised with the mesh's left/right point pairing (found by matching mirrored
+positions), re-centred at the RIGID centroid and rescaled to IOD = 1.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import cv2
 import mediapipe as mp
 import numpy as np
+from tqdm import tqdm
 
-from dreamhead import UsageError
+from common import UsageError
 
 # ----------------------------------------------------------------------------------------------------
 # Topology (MediaPipe FaceMesh, from mp.solutions.face_mesh_connections, shipped in the wheel)
@@ -73,7 +72,6 @@ def _component(edges: np.ndarray, seed: int) -> np.ndarray:
 
 
 TESSELLATION_EDGES = _edges(_FMC.FACEMESH_TESSELATION)  # (1322, 2) undirected, unique
-CONTOUR_EDGES = _edges(_FMC.FACEMESH_CONTOURS)  # (124, 2): lips, eyes, brows, face oval
 LIPS_EDGES = _edges(_FMC.FACEMESH_LIPS)
 LEFT_EYE_EDGES = _edges(_FMC.FACEMESH_LEFT_EYE)
 RIGHT_EYE_EDGES = _edges(_FMC.FACEMESH_RIGHT_EYE)
@@ -89,22 +87,12 @@ MOUTH_LEFT = 61  # mouth corners (61 on the image's left for a frontal face)
 MOUTH_RIGHT = 291
 EYE_OUTER_RIGHT = 33  # subject's right outer eye corner; the IOD pair is (33, 263)
 EYE_OUTER_LEFT = 263
-IOD_POINTS = np.array([EYE_OUTER_RIGHT, EYE_OUTER_LEFT], dtype=np.int64)
-IRIS_CENTER_RIGHT = 468
-IRIS_CENTER_LEFT = 473
-NOSE_TIP = 4  # most forward point of the nose (point 1 sits just below it)
+NOSE_LOWER_TIP = 1  # just below the nose tip (4); the synthetic faces scale the nose around it
 NOSE_BASE = 2  # subnasale, just under the nose
-CHIN = 152
 
 LIPS = _points(LIPS_EDGES)  # (40,)
 LIPS_OUTER = _component(LIPS_EDGES, MOUTH_LEFT)  # (20,)
 LIPS_INNER = _component(LIPS_EDGES, 78)  # (20,) 78 = inner-loop corner next to 61
-LEFT_EYE = _points(LEFT_EYE_EDGES)
-RIGHT_EYE = _points(RIGHT_EYE_EDGES)
-LEFT_IRIS = np.array([IRIS_CENTER_LEFT, *_points(LEFT_IRIS_EDGES)], dtype=np.int64)  # (5,) centre first
-RIGHT_IRIS = np.array([IRIS_CENTER_RIGHT, *_points(RIGHT_IRIS_EDGES)], dtype=np.int64)
-LEFT_EYEBROW = _points(LEFT_EYEBROW_EDGES)
-RIGHT_EYEBROW = _points(RIGHT_EYEBROW_EDGES)
 FACE_OVAL = _points(FACE_OVAL_EDGES)  # (36,)
 # Points that do not move with speech; closed under the left/right mirror pairing.
 RIGID = np.array(
@@ -115,6 +103,19 @@ RIGID = np.array(
     dtype=np.int64)
 # Lower face-oval points (jaw, from the cheeks at mouth level to the chin), used by mouth_box.
 JAW = np.array([58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288], dtype=np.int64)
+# Ordered contours (drawing order matters for polygons), used by the synthetic faces (synth_face.py).
+FACE_OVAL_RING = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+                  148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)  # FACE_OVAL, in order
+INNER_LIP_RING = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
+UPPER_INNER = (191, 80, 81, 82, 13, 312, 311, 310, 415)  # inner lip contours, corner to corner
+LOWER_INNER = (95, 88, 178, 87, 14, 317, 402, 318, 324)
+UPPER_OUTER = (185, 40, 39, 37, 0, 267, 269, 270, 409)
+LOWER_OUTER = (146, 91, 181, 84, 17, 314, 405, 321, 375)
+MOUTH_CORNERS = (78, 308, MOUTH_LEFT, MOUTH_RIGHT)  # inner, then outer corners
+EYE_LIDS = (  # per eye (upper lid contour, lower lid contour), pairwise aligned, corners excluded
+    ((246, 161, 160, 159, 158, 157, 173), (7, 163, 144, 145, 153, 154, 155)),
+    ((466, 388, 387, 386, 385, 384, 398), (249, 390, 373, 374, 380, 381, 382)),
+)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEMPLATE_PATH = ASSETS / "canonical_template.npy"
@@ -311,8 +312,6 @@ def detect_video(frames, max_gap: int = 5, smooth: int = 0, progress: bool = Fal
     head) is about twice as fast as 4.
     Raises UsageError when no frame has a face.
     """
-    from tqdm import tqdm
-
     detections = []
     with FaceMeshDetector(static_image_mode=False, max_num_faces=max_num_faces) as detector:
         for i, frame in enumerate(tqdm(frames, desc="landmarks", unit="frame", disable=not progress)):
@@ -402,123 +401,22 @@ def pose_angles(R: np.ndarray) -> np.ndarray:
     return np.degrees(np.stack([pitch, yaw, roll], axis=-1))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Template construction (run once: `python landmarks.py template`)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _frontal_frame(P: np.ndarray, mirror: np.ndarray) -> np.ndarray:
-    """Rotate P (478,3) so its symmetry plane is x = 0 and x points to the subject's left.
-
-    The x axis is the main direction of the vectors between mirror pairs; z is the camera's viewing axis
-    made orthogonal to x (this keeps the photo's pitch), y = z cross x (down). Origin on the symmetry plane.
-    """
-    paired = mirror != np.arange(len(P))
-    _, _, Vt = np.linalg.svd(P[paired] - P[mirror][paired], full_matrices=False)
-    ex = Vt[0] * np.sign(Vt[0] @ (P[EYE_OUTER_LEFT] - P[EYE_OUTER_RIGHT]))
-    ez = np.array([0.0, 0.0, 1.0]) - ex[2] * ex
-    ez /= np.linalg.norm(ez)
-    ey = np.cross(ez, ex)
-    origin = ((P + P[mirror]) / 2).mean(axis=0)
-    return (P - origin) @ np.stack([ex, ey, ez]).T  # rows of the rotation are the new axes
-
-
-def find_mirror_pairs(P: np.ndarray, iterations: int = 5) -> np.ndarray:
-    """Left/right pairing of the mesh points from one roughly frontal face P (478,3).
-
-    Returns mirror (478,) with mirror[i] = index of the point mirroring i (mirror[i] == i on the midline),
-    found by optimally matching each point to the mirror image (x -> -x) of the frontalised face
-    (Hungarian assignment), alternating with re-estimating the frontal frame from the pairs.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    P = np.asarray(P, dtype=np.float64)
-    mirror = np.arange(len(P))
-    for a, b in [(33, 263), (133, 362), (61, 291), (234, 454)]:  # seed pairs to start the frame
-        mirror[a], mirror[b] = b, a
-    for _ in range(iterations):
-        F = _frontal_frame(P, mirror)
-        cost = np.linalg.norm(F[:, None, :] - (F * [-1.0, 1.0, 1.0])[None, :, :], axis=-1)  # (478, 478)
-        _, new = linear_sum_assignment(cost)
-        if np.array_equal(new, mirror):
-            break
-        mirror = new
-    if not np.array_equal(mirror[mirror], np.arange(len(P))):
-        raise RuntimeError("mirror matching did not give a symmetric pairing; use a more frontal photo")
-    return mirror
-
-
-def _normalise(P: np.ndarray) -> np.ndarray:
-    """Centre at the RIGID centroid and scale to inter-ocular distance 1."""
-    P = P - P[RIGID].mean(axis=0)
-    return P / np.linalg.norm(P[EYE_OUTER_LEFT] - P[EYE_OUTER_RIGHT])
-
-
-def template_photos() -> list[tuple[str, np.ndarray]]:
-    """The two frontal sample photos shipped with scikit-image and matplotlib."""
-    import matplotlib
-    import skimage.data
-
-    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    return [("skimage astronaut", skimage.data.astronaut()), ("matplotlib grace_hopper", load_image_rgb(hopper))]
-
-
-def make_canonical_template(photos: list[tuple[str, np.ndarray]] | None = None) -> np.ndarray:
-    """Build the frontal, mirror-symmetric canonical template (478,3) float32 (see the module docstring)."""
-    faces = [detect_image(image, name) for name, image in (photos or template_photos())]
-    mirror = find_mirror_pairs(faces[0])
-    for P in faces[1:]:
-        if not np.array_equal(find_mirror_pairs(P), mirror):
-            raise RuntimeError("the template photos disagree on the mirror pairing")
-    mean = np.mean([_normalise(_frontal_frame(P.astype(np.float64), mirror)) for P in faces], axis=0)
-    sym = (mean + mean[mirror] * [-1.0, 1.0, 1.0]) / 2  # mirror-symmetrise (x -> -x, swap pairs)
-    return _normalise(sym).astype(np.float32)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_canonical_template(path: Path = TEMPLATE_PATH) -> np.ndarray:
-    template = make_canonical_template()
-    _atomic_write(path, lambda tmp: np.save(tmp, template))
-    return template
-
-
-def mirror_pairs(template: np.ndarray) -> np.ndarray:
-    """Pairing of a mirror-symmetric template: mirror[i] = nearest point to i's reflection x -> -x."""
-    from scipy.spatial import cKDTree
-
-    _, mirror = cKDTree(template).query(template * [-1.0, 1.0, 1.0])
-    return mirror.astype(np.int64)
-
-
 def _load_template() -> np.ndarray | None:
     if not TEMPLATE_PATH.is_file():
-        return None  # only while regenerating it with `python landmarks.py template`
+        return None  # only while regenerating it with `python data.py template`
     return _check_points(np.load(TEMPLATE_PATH).astype(np.float32), "canonical template")
 
 
 def _template() -> np.ndarray:
     if CANONICAL_TEMPLATE is None:
-        raise RuntimeError(f"{TEMPLATE_PATH} is missing; run `python landmarks.py template`")
+        raise RuntimeError(f"{TEMPLATE_PATH} is missing; run `python data.py template`")
     return CANONICAL_TEMPLATE
 
 
 CANONICAL_TEMPLATE = _load_template()  # (478, 3) float32, canonical units (IOD = 1), frontal, symmetric
-MIRROR = mirror_pairs(CANONICAL_TEMPLATE) if CANONICAL_TEMPLATE is not None else None  # (478,) int64
 
 # ----------------------------------------------------------------------------------------------------
-# Drawing landmark images (Fig. 2: mesh on a plain canvas, contours coloured)
+# Drawing landmark images ([L2I: I^P_i]: mesh on a plain canvas, contours coloured)
 # ----------------------------------------------------------------------------------------------------
 
 CANVAS_FILL = 0.78  # the template's larger bounding-box side covers this fraction of the canvas
@@ -739,88 +637,3 @@ def jitter(P_seq) -> np.ndarray:
         raise ValueError(f"jitter needs (..., T>=3, {NUM_LANDMARKS}, 3), got {P_seq.shape}")
     accel = np.diff(np.asarray(P_seq, np.float64), n=2, axis=-3)  # (..., T-2, 478, 3)
     return np.linalg.norm(accel, axis=-1).mean(axis=(-2, -1))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
-
-
-def _detect_command(image_path: str, out: str | None, size: int) -> None:
-    image = load_image_rgb(image_path)
-    P = detect_image(image, image_path)
-    P_canon, transform = canonicalize(P)
-    pitch, yaw, roll = pose_angles(transform["R"])
-    box = mouth_box(P, image.shape[:2])
-    print(f"{image_path}: {image.shape[1]}x{image.shape[0]} px, {NUM_LANDMARKS} landmarks")
-    print(f"  face box x {P[:, 0].min():.0f}-{P[:, 0].max():.0f}, y {P[:, 1].min():.0f}-{P[:, 1].max():.0f}; "
-          f"inter-ocular {float(inter_ocular(P)):.1f} px")
-    print(f"  head pose pitch {pitch:.1f}, yaw {yaw:.1f}, roll {roll:.1f} deg; mouth box {box}")
-    print(f"  canonical (IOD units): mouth opening {float(mouth_opening(P_canon)):.3f}, "
-          f"width {float(mouth_width(P_canon)):.3f}")
-    if out:
-        h = image.shape[0]
-        overlay = draw_mesh(image.copy(), P, thickness=1)
-        canon = draw_landmark_image(canonical_to_canvas(P_canon, size), size)
-        canon = cv2.resize(canon, (h, h), interpolation=cv2.INTER_AREA)  # (H, H, 3)
-        masked = apply_mouth_mask(image, box)
-        panel = np.concatenate([overlay, canon, masked], axis=1)  # (H, 2W + H, 3)
-        _atomic_write(Path(out), lambda tmp: cv2.imwrite(str(tmp), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR)))
-        print(f"  wrote {out} (mesh on photo | canonical landmark image | masked frame)")
-
-
-def _bench_command(num_frames: int, size: int) -> None:
-    """Time detection per frame on a panning size x size crop of the astronaut photo."""
-    import time
-
-    import skimage.data
-
-    face = cv2.resize(skimage.data.astronaut()[0:320, 65:385], (size, size), interpolation=cv2.INTER_AREA)
-    frames = [np.roll(face, i % 20 - 10, axis=1) for i in range(num_frames)]  # +-10 px horizontal pan
-    for static, faces in ((True, 4), (True, 1), (False, 4), (False, 1)):
-        with FaceMeshDetector(static_image_mode=static, max_num_faces=faces) as detector:
-            for frame in frames[:5]:
-                detector.detect(frame)  # warm-up
-            start = time.perf_counter()
-            found = sum(detector.detect(frame) is not None for frame in frames)
-            ms = 1000 * (time.perf_counter() - start) / num_frames
-        mode = "static" if static else "tracking"
-        print(f"{mode:8s} max_num_faces={faces}: {ms:5.1f} ms/frame ({found}/{num_frames} found)")
-    P, _ = detect_video(np.stack(frames))
-    xy = canonical_to_canvas(canonicalize(P)[0], size)  # (T, 478, 2)
-    start = time.perf_counter()
-    draw_landmark_images(xy, size)
-    print(f"draw_landmark_image {size}px: {1000 * (time.perf_counter() - start) / num_frames:.2f} ms/frame")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Dense MediaPipe landmarks for DreamHead.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_tpl = sub.add_parser("template", help="rebuild assets/canonical_template.npy from the sample photos")
-    p_tpl.add_argument("--out", default=str(TEMPLATE_PATH))
-    p_det = sub.add_parser("detect", help="detect landmarks in a photo and print a summary")
-    p_det.add_argument("image")
-    p_det.add_argument("--out", help="PNG: mesh on the photo | canonical landmark image | masked frame")
-    p_det.add_argument("--size", type=int, default=256, help="canonical landmark image size")
-    p_bench = sub.add_parser("bench", help="time detection per frame (static vs tracking) and drawing")
-    p_bench.add_argument("--frames", type=int, default=100)
-    p_bench.add_argument("--size", type=int, default=256)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "template":
-            template = save_canonical_template(Path(args.out))
-            print(f"wrote {args.out}: {template.shape}, inter-ocular {float(inter_ocular(template)):.4f}")
-        elif CANONICAL_TEMPLATE is None:
-            raise UsageError(f"{TEMPLATE_PATH} is missing; run `python landmarks.py template` first")
-        elif args.command == "detect":
-            _detect_command(args.image, args.out, args.size)
-        else:
-            _bench_command(args.frames, args.size)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

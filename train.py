@@ -1,54 +1,58 @@
 """Train one DreamHead stage: `python train.py --stage vae|a2l|l2i [--preset tiny|paper] [--flags]`.
 
-The paper trains its cascade stage by stage (Sec. 3): the A2L diffusion model (audio -> dense landmarks) and the
-L2I latent diffusion model (landmarks -> image) whose frozen autoencoder comes first. Here every stage shares
-one plain training loop (nanoGPT style, no framework):
+The paper trains its cascade stage by stage: the A2L diffusion model ([A2L: Audio] -> [A2L: P_0]) and the L2I
+latent diffusion model ([L2I: eps_theta], landmarks -> image), whose frozen autoencoder ([L2I: E], [L2I: D])
+comes first. Here every stage shares one plain training loop (nanoGPT style, no framework):
 
-    AdamW, linear warm-up + cosine decay (`dreamhead.lr_at`), gradient clipping, EMA of the weights,
+    AdamW, linear warm-up + cosine decay (`common.lr_at`), gradient clipping, EMA of the weights,
     optional bf16 autocast on CUDA, DDP under torchrun (NCCL on GPUs, gloo on CPU), rank-0 logging,
     periodic held-out evaluation, a loss-curve PNG and sample pictures, resume, and a checkpoint on Ctrl-C.
 
-Flags: every field of the stage's config dataclass (`VAEConfig`, `A2LConfig`, `L2IConfig`) is a flag whose
-default comes from the chosen preset, plus the run flags below. With no data flag the stage trains on
-synthetic talking heads (data.py) generated into cache/ on first use. The checkpoint is one dict
-{stage, config, model, ema, optimizer, step, extra, history} from which sample.py rebuilds everything.
+Flags: every field of the stage's config dataclass (`VAEConfig`, `A2LConfig`, `L2IConfig`) and of its training
+block (`common.TrainConfig`) is a flag whose default comes from the chosen preset and whose help is the field's
+sentence, plus the run flags below. With no data flag the stage trains on synthetic talking heads
+(synth_clips.py) generated into cache/ on first use; `--data DIR` takes any folder of clips in the clip format
+(clips.py). The checkpoint is one dict {stage, version, config, model, ema, optimizer, step, extra, history}
+(an L2I checkpoint adds `vae`: the fingerprint and config of the VAE it was trained on) from which sample.py
+rebuilds everything.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import sys
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from dreamhead import (EMA, UsageError, atomic_write, load_checkpoint, lr_at, pick_device, run_cli, save_checkpoint,
-                       save_png)
+import landmarks
+from a2l import A2L, A2LConfig, A2LWindows, compute_residual_std, predict_clips
+from clips import clip_frames
+from common import (EMA, TRAIN_FIELDS, TrainConfig, UsageError, atomic_write, load_checkpoint, lr_at, pick_device,
+                    run_cli, save_checkpoint, save_png, to_tensor_image, to_uint8_image, weights_sha1)
+from dreamhead import load_model
+from l2i import L2I, L2IConfig, L2IFrames, L2ILatents, check_vae_matches
+from metrics import landmark_metrics, plot_opening, psnr
+from synth_clips import appearance_frames, clips_or_synthetic
+from vae import AutoencoderKL, FrameDataset, PatchDiscriminator, VAEConfig, discriminator_loss, mouth_weight_map, \
+    vae_loss
 
-STAGES = ("vae", "a2l", "l2i")
-RUN_FLAGS_HELP = "run flags (not part of the model config)"
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+CONFIGS = {"vae": VAEConfig, "a2l": A2LConfig, "l2i": L2IConfig}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line: dataclass fields -> flags
 # ----------------------------------------------------------------------------------------------------------
-
-def config_class(stage: str):
-    if stage == "vae":
-        from vae import VAEConfig
-        return VAEConfig
-    if stage == "a2l":
-        from a2l import A2LConfig
-        return A2LConfig
-    from l2i import L2IConfig
-    return L2IConfig
-
 
 def _flag_type(default):
     if isinstance(default, bool):
@@ -59,71 +63,77 @@ def _flag_type(default):
     return type(default)
 
 
-def field_notes(cls) -> dict:
-    """{field: its comment in the dataclass source} (comment lines that follow a field continue its note), so
-    every config flag's --help says what it does and where the idea comes from, from one place."""
-    import inspect
-    import re
-    notes, last, indent = {}, None, 0
-    for line in inspect.getsource(cls).splitlines():
-        field = re.match(r"(\s+)(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
-        if field:
-            indent, last = len(field.group(1)), field.group(2)
-            notes[last] = (field.group(3) or "").strip()
-        elif last and re.match(r"\s{%d,}#" % (indent + 1), line):
-            notes[last] = (notes[last] + " " + line.strip().lstrip("#").strip()).strip()
-        else:
-            last = None
-    return notes
+def _add_fields(group, cls, defaults, prefix: str) -> None:
+    """One flag per field of a config dataclass (the nested training block is added on its own), its help the
+    field's sentence and its default the preset's value."""
+    for f in dataclasses.fields(cls):
+        if f.name == "train":
+            continue
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument("--" + f.name.replace("_", "-"), dest=prefix + f.name, type=_flag_type(default),
+                           default=default, metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {shown})")
+
+
+def run_flags(p: argparse.ArgumentParser) -> None:
+    run = p.add_argument_group("run flags (not part of the model config)")
+    run.add_argument("--data", default=None, help="Folder of training clips in the clip format (NAME.npz with "
+                     "NAME.mp4 beside it, clips.py); by default synthetic talking heads are generated into --cache.")
+    run.add_argument("--eval-data", default=None, help="Folder of held-out clips; by default the synthetic test "
+                     "split.")
+    run.add_argument("--clips", type=int, default=64, help="Synthetic training clips to generate.")
+    run.add_argument("--eval-clips", type=int, default=20, help="Synthetic held-out clips to generate.")
+    run.add_argument("--cache", default="cache", help="Folder for generated data, decoded frames and latents.")
+    run.add_argument("--out", default=None, help="Run folder; by default runs/<stage>.")
+    run.add_argument("--resume", action="store_true", help="Continue the run from <out>/ckpt.pt.")
+    run.add_argument("--init", default=None, metavar="CKPT", help="Start from this checkpoint's EMA weights (same "
+                     "stage and architecture) with a fresh optimizer at step 0, e.g. for the VAE's "
+                     "--finetune-decoder.")
+    run.add_argument("--export", default=None, metavar="PATH", help="Do not train: write a sampling-only copy of "
+                     "<out>/ckpt.pt (EMA weights, no optimizer state) to PATH, as checkpoints/*_tiny.pt were made.")
+    run.add_argument("--vae", default=None, help="VAE checkpoint of --stage l2i; by default checkpoints/vae_tiny.pt "
+                     "with the tiny preset when shipped, else runs/vae/ckpt.pt.")
+    run.add_argument("--device", default="auto", help="Device: auto (CUDA when present), cpu or cuda.")
+    run.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
+                     help="Autocast to bf16: auto turns it on for CUDA and off on CPU.")
+    run.add_argument("--threads", type=int, default=1, help="Torch CPU threads, 0 for torch's default; the tiny "
+                     "presets' small ops ran 3-30x faster on 1 thread than on 2 on a shared 2-core machine.")
+    run.add_argument("--seed", type=int, default=0, help="Seed of the data order, initialisation and noise.")
+    run.add_argument("--log-every", type=int, default=50, help="Steps between logged training losses.")
+    run.add_argument("--eval-every", type=int, default=500, help="Steps between held-out evaluations and pictures.")
+    run.add_argument("--save-every", type=int, default=500, help="Steps between checkpoints.")
+
+
+def build_parser(stage: str | None, preset: str = "tiny") -> argparse.ArgumentParser:
+    """The command line of one stage and preset: run flags, the config's fields and its training settings."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=tuple(CONFIGS), default=None, help="The stage to train: vae, a2l or l2i.")
+    p.add_argument("--preset", default="tiny", help="Named preset of the stage's config: tiny (CPU minutes) or paper "
+                   "(GPU scale).")
+    run_flags(p)
+    if stage is None:
+        p.error("--stage is required: vae, a2l or l2i")
+    cls = CONFIGS[stage]
+    try:
+        base = cls.preset(preset)
+    except ValueError as err:
+        p.error(str(err))
+    _add_fields(p.add_argument_group(f"{cls.__name__} fields (defaults from preset {preset!r})"), cls, base, "cfg_")
+    _add_fields(p.add_argument_group(f"training settings, TrainConfig (defaults from preset {preset!r})"),
+                TrainConfig, base.train, "train_")
+    return p
 
 
 def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--stage", choices=STAGES, default=None)
+    pre.add_argument("--stage", choices=tuple(CONFIGS), default=None)
     pre.add_argument("--preset", default="tiny")
     known, _ = pre.parse_known_args(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
-    run = p.add_argument_group(RUN_FLAGS_HELP)
-    run.add_argument("--data", default=None, help="folder of clips (clip_*.npz + .mp4, data.py format); "
-                     "default: synthetic talking heads generated into --cache on first use")
-    run.add_argument("--eval-data", default=None, help="held-out clips folder (default: synthetic test split)")
-    run.add_argument("--clips", type=int, default=64, help="synthetic training clips to generate")
-    run.add_argument("--eval-clips", type=int, default=20, help="synthetic held-out clips to generate")
-    run.add_argument("--cache", default="cache", help="where generated data and decoded frames are cached")
-    run.add_argument("--out", default=None, help="run folder (default: runs/<stage>)")
-    run.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    run.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint's EMA weights (same "
-                     "stage and architecture) with a fresh optimizer at step 0; e.g. the VAE's --finetune-decoder")
-    run.add_argument("--export", default=None, metavar="PATH", help="do not train: write <out>/ckpt.pt for "
-                     "sampling only to PATH (EMA weights, no optimizer state; how checkpoints/*_tiny.pt are made)")
-    run.add_argument("--vae", default=None, help="VAE checkpoint for --stage l2i (default: checkpoints/vae_tiny.pt "
-                     "if present, else runs/vae/ckpt.pt)")
-    run.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
-    run.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
-                     help="bf16 autocast (auto: on for CUDA, off on CPU)")
-    run.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default). 1 by default: "
-                     "the tiny presets' small ops ran 3-30x faster on 1 thread than on 2 on a shared 2-core machine")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--log-every", type=int, default=50)
-    run.add_argument("--eval-every", type=int, default=500)
-    run.add_argument("--save-every", type=int, default=500)
-    if known.stage is None:
-        p.error("--stage is required: vae, a2l or l2i")
-    cls = config_class(known.stage)
-    try:
-        base = cls.preset(known.preset)
-    except ValueError as err:
-        p.error(str(err))
-    model = p.add_argument_group(f"{cls.__name__} fields (defaults from preset {known.preset!r})")
-    notes = field_notes(cls)
-    for f in dataclasses.fields(cls):
-        default = getattr(base, f.name)
-        note = notes.get(f.name, "")
-        model.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, type=_flag_type(default),
-                           default=default, help=f"{note} (default {default})" if note else f"default {default}")
-    args = p.parse_args(argv)
-    overrides = {f.name: getattr(args, "cfg_" + f.name) for f in dataclasses.fields(cls)}
-    args.config = cls(**overrides)
+    args = build_parser(known.stage, known.preset).parse_args(argv)
+    cls = CONFIGS[args.stage]
+    train = TrainConfig(**{k: getattr(args, "train_" + k) for k in TRAIN_FIELDS})
+    overrides = {f.name: getattr(args, "cfg_" + f.name) for f in dataclasses.fields(cls) if f.name != "train"}
+    args.config = cls(**overrides, train=train)
     args.out = args.out or os.path.join("runs", args.stage)
     return args
 
@@ -132,44 +142,8 @@ def parse_args(argv=None):
 # Data shared by the stages
 # ----------------------------------------------------------------------------------------------------------
 
-def clip_paths(folder: str | None, split: str, clips: int, seed: int = 0, cache: str = "cache") -> list[str]:
-    """npz paths of a clip folder, or of synthetic clips generated on first use."""
-    if folder is None:
-        from data import ensure_synthetic
-        return ensure_synthetic(split, clips, seed, root=os.path.join(cache, "synth"))
-    paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
-    if not paths:
-        raise UsageError(f"no clips (*.npz with .mp4 beside) in {folder}; make some with `python data.py synth`")
-    return paths
-
-
-def load_frames(paths: list[str], size: int, cache: str, face_iod: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """All frames of the clips at size x size, uint8 (N, size, size, 3), and their landmarks scaled to that
-    size (N, 478, 3); decoded once and cached as .npy (memory-mapped on later runs). face_iod > 0 cuts face
-    crops with that inter-ocular fraction out of the full-resolution frames (VAEConfig.face_iod)."""
-    from data import load_clip, read_frames
-    from landmarks import crop_clip_faces
-    framing = [face_iod] if face_iod else []  # the rendered framing keeps its cache keys
-    key = hashlib.sha1(json.dumps([os.path.abspath(p) for p in paths] + [size] + framing).encode()).hexdigest()[:12]
-    f_path, l_path = (os.path.join(cache, "frames", f"{key}_{n}.npy") for n in ("frames", "landmarks"))
-    if not (os.path.exists(f_path) and os.path.exists(l_path)):
-        frames, lmks = [], []
-        for p in paths:
-            clip = load_clip(p)
-            video = read_frames(p[:-4] + ".mp4", None if face_iod else size)  # (T, H, W, 3)
-            T = min(len(video), len(clip["landmarks"]))
-            P = clip["landmarks"][:T] * (video.shape[1] / clip["frame_size"])  # pixel coords of `video`
-            video, P = crop_clip_faces(video[:T], P, size, face_iod) if face_iod else (video[:T], P)
-            frames.append(video)
-            lmks.append(P)
-        atomic_write(f_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(frames)))
-        atomic_write(l_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(lmks).astype(np.float32)))
-    return np.load(f_path, mmap_mode="r"), np.load(l_path)
-
-
 def extra_identity_frames(identities: int, size: int, seed: int, cache: str, face_iod: float = 0.0) -> np.ndarray:
-    """data.appearance_frames (12 stills of each of `identities` extra random identities), cached as .npy."""
-    from data import appearance_frames
+    """synth_clips.appearance_frames (12 stills of each of `identities` extra random identities), cached as .npy."""
     framing = f"_iod{face_iod:g}" if face_iod else ""
     path = os.path.join(cache, "frames", f"identities_{identities}_{size}_{seed}{framing}.npy")
     if not os.path.exists(path):
@@ -183,56 +157,53 @@ def extra_identity_frames(identities: int, size: int, seed: int, cache: str, fac
 # ----------------------------------------------------------------------------------------------------------
 
 class VAEStage:
-    """The frozen E / D of L2I (Fig. 2), trained first: L1 + KL (+ optional PatchGAN), see vae.py."""
+    """[L2I: E] and [L2I: D], trained first: L1 + KL (+ optional PatchGAN), see vae.py."""
 
     def __init__(self, args, device):
-        import landmarks
-        from vae import FrameDataset, mouth_weight_map
-        self.args, self.cfg, self.device = args, args.config, device
-        size = self.cfg.resolution
-        paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
-        stored = size * (2 if self.cfg.crop_scale < 1 else 1)
-        frames, P = load_frames(paths, stored, args.cache, self.cfg.face_iod)
+        self.args, self.config, self.device = args, args.config, device
+        size = self.config.resolution
+        paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache)
+        stored = size * (2 if self.config.crop_scale < 1 else 1)
+        frames, P = clip_frames(paths, stored, args.cache, self.config.face_iod)
         some = P[np.linspace(0, len(P) - 1, min(1000, len(P))).astype(int)] * (size / stored)
         # where the mouth lies in the aligned crops (from 1,000 training frames), for the L1 and for D
         self.pixel_weight, self.disc_weight_map = (
             mouth_weight_map(some, size, w).to(device) if w != 1.0 else None
-            for w in (self.cfg.mouth_weight, self.cfg.disc_mouth_weight))
-        if self.cfg.extra_identities:
-            frames = np.concatenate([frames, extra_identity_frames(self.cfg.extra_identities, stored, args.seed,
-                                                                   args.cache, self.cfg.face_iod)])
-        self.train = FrameDataset(frames, hflip=self.cfg.hflip, colour_jitter=self.cfg.colour_jitter,
-                                  natural_mix=self.cfg.natural_mix, seed=args.seed, crop_scale=self.cfg.crop_scale,
-                                  size=size)
-        e_paths = clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
-        e_frames, e_lmks = load_frames(e_paths, size, args.cache, self.cfg.face_iod)
+            for w in (self.config.mouth_weight, self.config.disc_mouth_weight))
+        if self.config.extra_identities:
+            frames = np.concatenate([frames, extra_identity_frames(self.config.extra_identities, stored, args.seed,
+                                                                   args.cache, self.config.face_iod)])
+        self.train = FrameDataset(frames, hflip=self.config.hflip, colour_jitter=self.config.colour_jitter,
+                                  natural_mix=self.config.natural_mix, seed=args.seed,
+                                  crop_scale=self.config.crop_scale, size=size)
+        e_paths = clips_or_synthetic(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
+        e_frames, e_lmks = clip_frames(e_paths, size, args.cache, self.config.face_iod)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
-        self.eval_x = FrameDataset.to_tensor(np.asarray(e_frames[pick]))  # (E, 3, size, size)
+        self.eval_x = to_tensor_image(np.asarray(e_frames[pick]))  # (E, 3, size, size)
         masks = [landmarks.mouth_mask(P, (size, size)) for P in e_lmks[pick]]  # E x (size, size)
         self.eval_mask = torch.from_numpy(np.stack(masks))[:, None]  # (E, 1, size, size)
         self.disc = None
 
     def build(self):
-        from vae import AutoencoderKL, PatchDiscriminator
-        model = AutoencoderKL(self.cfg)
-        if self.cfg.finetune_decoder:
+        model = AutoencoderKL(self.config)
+        if self.config.finetune_decoder:
             if not self.args.init and not self.args.resume:
                 raise UsageError("--finetune-decoder needs the VAE to fine-tune: pass --init CKPT")
             model.encoder.requires_grad_(False)
             model.quant_conv.requires_grad_(False)
-        if self.cfg.adversarial:
-            self.disc = PatchDiscriminator(3, self.cfg.disc_channels, self.cfg.disc_layers).to(self.device)
+        if self.config.adversarial:
+            self.disc = PatchDiscriminator(3, self.config.disc_channels, self.config.disc_layers).to(self.device)
             if dist.is_initialized():  # every rank starts from rank 0's discriminator (DDP does this for the model)
                 for p in self.disc.parameters():
                     dist.broadcast(p.data, 0)
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.cfg.lr, betas=self.cfg.betas)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.config.train.lr,
+                                              betas=self.config.train.betas)
         return model
 
     def batch(self, gen):
-        return self.train.random_batch(self.cfg.batch_size, gen).to(self.device)
+        return self.train.random_batch(self.config.train.batch_size, gen).to(self.device)
 
     def loss(self, model, x, step):
-        from vae import vae_loss
         if self.disc is None:
             return vae_loss(model, x, None, step, pixel_weight=self.pixel_weight)
         loss, logs, x_rec = vae_loss(model, x, self.disc, step, return_rec=True, pixel_weight=self.pixel_weight,
@@ -240,7 +211,6 @@ class VAEStage:
         return loss, logs, lambda: self._disc_step(model, x, x_rec, step, logs)
 
     def _disc_step(self, model, x, x_rec, step, logs):
-        from vae import discriminator_loss
         self.disc_opt.zero_grad(set_to_none=True)  # the generator term wrote gradients here
         d_loss, d_logs = discriminator_loss(model, self.disc, x, x_rec, step, self.disc_weight_map)
         d_loss.backward()
@@ -254,23 +224,21 @@ class VAEStage:
 
     @torch.no_grad()
     def evaluate(self, model):
-        from vae import psnr
         rec = torch.cat([model.decode(model.encode(x.to(self.device)).mode()).cpu()
                          for x in self.eval_x.split(32)])
         return {"psnr": psnr(rec, self.eval_x), "psnr_mouth": psnr(rec, self.eval_x, mask=self.eval_mask)}
 
     @torch.no_grad()
     def picture(self, model, path):
-        from vae import to_uint8
         x = self.eval_x[:8].to(self.device)
         rec = model.decode(model.encode(x).mode())
-        rows = [np.concatenate(list(to_uint8(t)), axis=1) for t in (x, rec)]  # truth / reconstruction
+        rows = [np.concatenate(list(to_uint8_image(t)), axis=1) for t in (x, rec)]  # truth / reconstruction
         save_png(path, np.concatenate(rows, axis=0))
 
     def finish(self, model):
         """LDM's scale_by_std: latents are multiplied by 1 / std before diffusion (kept as it was when only the
         decoder is fine-tuned: the latents did not change)."""
-        if not self.cfg.finetune_decoder:
+        if not self.config.finetune_decoder:
             with torch.no_grad():
                 model.measure_scale_factor([self.train.random_batch(32).to(self.device) for _ in range(8)])
         out = {"scale_factor": float(model.scale_factor)}
@@ -285,26 +253,25 @@ class VAEStage:
 
 
 class A2LStage:
-    """Audio-to-landmark diffusion (Sec. 3.1): windows of canonical landmarks from audio and P̄, see a2l.py."""
+    """Audio-to-landmark diffusion ([A2L: Audio] -> [A2L: P_0]): windows of canonical landmarks from audio and
+    P̄, see a2l.py."""
 
     def __init__(self, args, device):
-        from a2l import A2LWindows, compute_residual_std
-        self.args, self.cfg, self.device = args, args.config, device
-        kw = dict(context_frames=self.cfg.context_frames, n_mels=self.cfg.n_mels)
-        self.train = A2LWindows(clip_paths(args.data, "train", args.clips, args.seed, args.cache),
-                                self.cfg.window, train=True, **kw)
-        eval_paths = clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
-        self.eval = A2LWindows(eval_paths[:4], self.cfg.window, train=False, **kw)  # 4 clips: a quick check
+        self.args, self.config, self.device = args, args.config, device
+        kw = dict(context_frames=self.config.context_frames, n_mels=self.config.n_mels)
+        self.train = A2LWindows(clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache),
+                                self.config.window, train=True, **kw)
+        eval_paths = clips_or_synthetic(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
+        self.eval = A2LWindows(eval_paths[:4], self.config.window, train=False, **kw)  # 4 clips: a quick check
         self.residual_std = compute_residual_std(self.train)
 
     def build(self):
-        from a2l import A2L
-        model = A2L(self.cfg)
+        model = A2L(self.config)
         model.set_residual_std(self.residual_std)
         return model
 
     def batch(self, gen):
-        idx = torch.randint(len(self.train), (self.cfg.batch_size,), generator=gen).tolist()
+        idx = torch.randint(len(self.train), (self.config.train.batch_size,), generator=gen).tolist()
         batch = torch.utils.data.default_collate([self.train[i] for i in idx])
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -312,47 +279,36 @@ class A2LStage:
         return model.loss(batch)
 
     def evaluate(self, model):
-        from evaluate import a2l_predictions, landmark_metrics
-        self.results = a2l_predictions(model, self.eval, seed=0)
+        self.results = predict_clips(model, self.eval, seed=0)
         return landmark_metrics([r["pred"] for r in self.results], [r["truth"] for r in self.results])
 
     def picture(self, model, path):
-        from evaluate import plot_opening
         plot_opening(self.results[0], path, "held-out clip: mouth opening (IOD)")
 
 
 class L2IStage:
-    """Landmark-to-image latent diffusion (Sec. 3.2, Fig. 2) on latents of a frozen, already trained VAE.
+    """Landmark-to-image latent diffusion ([L2I: eps_theta]) on latents of a frozen, already trained VAE.
 
     Every condition image is a function of one frame, so each frame's E(frame), E(masked frame) and
     E(landmark image) are encoded once (`l2i.L2ILatents`) and training never runs the VAE.
     """
 
     def __init__(self, args, device):
-        from l2i import L2IFrames
-        from dreamhead import load_model
-        self.args, self.cfg, self.device = args, args.config, device
+        self.args, self.config, self.device = args, args.config, device
         self.vae = load_model(self.vae_path(args), "vae", device)
-        if self.vae.cfg.resolution != self.cfg.image_size or self.vae.cfg.latent_shape[1] != self.cfg.latent_size:
-            raise UsageError(f"the VAE works at {self.vae.cfg.resolution} px -> {self.vae.cfg.latent_shape}, but "
-                             f"L2I expects {self.cfg.image_size} px -> latents of {self.cfg.latent_size}; "
-                             "use a matching --vae checkpoint or preset")
-        cfg = self.cfg
-        if self.vae.cfg.face_iod != cfg.face_iod:
-            raise UsageError(f"the VAE was trained on frames framed with --face-iod {self.vae.cfg.face_iod:g}, L2I "
-                             f"asks for {cfg.face_iod:g}; pass --face-iod {self.vae.cfg.face_iod:g} or a matching --vae")
+        check_vae_matches(self.vae.config, self.config)
+        cfg = self.config
         kw = dict(size=cfg.image_size, tau_min=cfg.tau_min, tau_max=cfg.tau_max, mask_expand=cfg.mask_expand,
                   face_iod=cfg.face_iod)
-        paths = clip_paths(args.data, "train", args.clips, args.seed, args.cache)
+        paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache)
         self.train = self.encoded(L2IFrames(paths, train=True, tau_both_sides=cfg.tau_both_sides, **kw), paths)
-        paths = clip_paths(args.eval_data, "test", args.eval_clips, args.seed, args.cache)[:4]
+        paths = clips_or_synthetic(args.eval_data, "test", args.eval_clips, args.seed, args.cache)[:4]
         self.eval_frames = L2IFrames(paths, train=False, **kw)
         self.eval_latents = self.encoded(self.eval_frames, paths)
         self.eval_idx = np.linspace(0, len(self.eval_frames) - 1, 16).astype(int).tolist()
 
     def encoded(self, frames, paths: list[str]):
         """L2ILatents of these frames, cached on disk per VAE checkpoint (encoding is most of the set-up time)."""
-        from l2i import L2ILatents
         with open(self.vae_path(self.args), "rb") as f:
             vae_sha = hashlib.sha1(f.read()).hexdigest()
         framing = [frames.face_iod] if frames.face_iod else []  # the rendered framing keeps its cache keys
@@ -373,15 +329,19 @@ class L2IStage:
         return shipped if args.preset == "tiny" and os.path.exists(shipped) else os.path.join("runs", "vae", "ckpt.pt")
 
     def build(self):
-        from l2i import L2I
-        return L2I(self.cfg)
+        return L2I(self.config)
+
+    def record(self) -> dict:
+        """What the checkpoint must say about the run's inputs: the VAE whose latents L2I learned."""
+        return {"vae": {"sha1": weights_sha1(self.vae.state_dict()), "config": self.vae.config.to_dict()}}
 
     def _collate(self, dataset, idx):
         batch = torch.utils.data.default_collate([dataset[i] for i in idx])
         return {k: v.to(self.device) for k, v in batch.items() if v.dtype.is_floating_point}
 
     def batch(self, gen):
-        return self._collate(self.train, torch.randint(len(self.train), (self.cfg.batch_size,), generator=gen).tolist())
+        idx = torch.randint(len(self.train), (self.config.train.batch_size,), generator=gen).tolist()
+        return self._collate(self.train, idx)
 
     def loss(self, model, batch, step):
         return model.loss(batch["z0"], batch)
@@ -397,15 +357,13 @@ class L2IStage:
 
     def evaluate(self, model):
         """Mouth-box PSNR of generated frames, beside the baseline that copies the reference frame's mouth."""
-        from vae import psnr
         self.samples = gen, target, ref, _, mouth = self.generate(model)
         return {"psnr_mouth": psnr(gen, target, mask=mouth), "psnr_mouth_copy_ref": psnr(ref, target, mask=mouth)}
 
     def picture(self, model, path):
         """Rows: reference | target landmark image | generated | truth (the samples of the last evaluate)."""
-        from vae import to_uint8
         gen, target, ref, lmk, _ = self.samples
-        rows = [np.concatenate(list(to_uint8(x[:8])), axis=1) for x in (ref, lmk, gen, target)]
+        rows = [np.concatenate(list(to_uint8_image(x[:8])), axis=1) for x in (ref, lmk, gen, target)]
         save_png(path, np.concatenate(rows, axis=0))
 
 
@@ -422,9 +380,6 @@ def stage_runner(args, device):
 # ----------------------------------------------------------------------------------------------------------
 
 def plot_history(history: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     train = [h for h in history if h.get("kind") == "train"]
     evals = [h for h in history if h.get("kind") == "eval"]
     keys = [k for k in (evals[0] if evals else {}) if k not in ("kind", "step")]
@@ -482,10 +437,10 @@ def train(args) -> str:
         except RuntimeError:
             raise UsageError(f"--init {args.init} has another architecture than this run's config; pass the same "
                              "--preset and model flags it was trained with") from None
-    ema = EMA(model, getattr(cfg, "ema_decay", 0.999))
+    settings = cfg.train
+    ema = EMA(model, settings.ema_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=getattr(cfg, "betas", (0.9, 0.999)),
-                            weight_decay=getattr(cfg, "weight_decay", 0.0))
+    opt = torch.optim.AdamW(trainable, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     step, history, extra = 0, [], {}
     if args.resume:
@@ -504,7 +459,6 @@ def train(args) -> str:
     if world > 1:  # gradients are all-reduced only through DDP's forward, so the loss runs inside it
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
-    warmup = getattr(cfg, "warmup", min(500, cfg.steps // 20))
     os.makedirs(args.out, exist_ok=True)
 
     def checkpoint():
@@ -512,9 +466,9 @@ def train(args) -> str:
             return
         extra.update(stage.finish(model) if hasattr(stage, "finish") else {})
         ema.copy_buffers(model)  # buffers that finish() set (e.g. the VAE's scale factor) go into the EMA too
-        save_checkpoint({"stage": args.stage, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+        save_checkpoint({"stage": args.stage, "config": cfg.to_dict(), "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step, "extra": extra,
-                         "history": history, "version": 1}, ckpt_path)
+                         "history": history, **(stage.record() if hasattr(stage, "record") else {})}, ckpt_path)
         plot_history(history, os.path.join(args.out, "loss.png"))
 
     def evaluate():
@@ -530,20 +484,19 @@ def train(args) -> str:
         history.append({"kind": "eval", "step": step, **metrics})
         print(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc=f"train {args.stage}", unit="step")
+    bar = tqdm(total=settings.steps, initial=step, disable=rank != 0, desc=f"train {args.stage}", unit="step")
     t0, logs_acc = time.time(), []
     try:
-        while step < cfg.steps:
+        while step < settings.steps:
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.lr, warmup, cfg.steps)
+                g["lr"] = lr_at(step, settings.lr, settings.warmup, settings.steps)
             batch = stage.batch(gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = loss_module(batch, step)
             loss, logs = out[0], out[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, getattr(cfg, "grad_clip", 1.0))
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
             opt.step()
             if len(out) > 2:  # a second optimiser of the stage (the VAE's discriminator)
                 out[2]()
@@ -551,15 +504,15 @@ def train(args) -> str:
             step += 1
             bar.update()
             logs_acc.append(logs["loss"] if "loss" in logs else float(loss))
-            if step % args.log_every == 0 or step == cfg.steps:
+            if step % args.log_every == 0 or step == settings.steps:
                 history.append({"kind": "train", "step": step, "loss": float(np.mean(logs_acc)),
                                 "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                                 "sec_per_step": (time.time() - t0) / len(logs_acc)})
                 bar.set_postfix(loss=f"{np.mean(logs_acc):.4g}")
                 t0, logs_acc = time.time(), []
-            if step % args.eval_every == 0 or step == cfg.steps:
+            if step % args.eval_every == 0 or step == settings.steps:
                 evaluate()
-            if step % args.save_every == 0 or step == cfg.steps:
+            if step % args.save_every == 0 or step == settings.steps:
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()

@@ -1,8 +1,8 @@
-"""KL-regularised image autoencoder: the frozen encoder E and decoder D of DreamHead's L2I stage.
+"""KL-regularised image autoencoder: the frozen encoder [L2I: E] and decoder [L2I: D] of DreamHead's L2I stage.
 
-Paper link: the L2I stage (Fig. 2, "landmark-to-image") is a latent diffusion model; every condition image
-(masked frame, reference frame, two landmark renderings) goes through one frozen encoder E, the denoiser
-works on latents, and a frozen decoder D turns the denoised latent back into a frame.
+The L2I stage is a latent diffusion model: every condition image (masked frame, reference frame, two landmark
+renderings) goes through one frozen encoder E, the denoiser works on latents, and a frozen decoder D turns the
+denoised latent back into a frame (docs/paper.md).
 
 The paper does not say which autoencoder it used; most likely the pretrained Stable Diffusion VAE
 (`AutoencoderKL`, f = 8, 4 latent channels, scale 0.18215). That network cannot be downloaded here, so we
@@ -21,20 +21,22 @@ train our own autoencoder of the same family from scratch (our choice, not the p
   SD's 0.18215 is this number for the SD VAE.
 
 Presets: "tiny" (64 px, f = 4, latents 4x16x16, CPU minutes) and "paper" (256 px, f = 8, latents 4x32x32,
-SD-VAE widths, GPU).
+SD-VAE widths, GPU). Also here: the VAE's training data (`FrameDataset` with its augmentations).
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
+
 import cv2
 import numpy as np
+import skimage.data
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dreamhead import SelfAttention
+import landmarks
+from common import Config, TrainConfig, option, to_tensor_image, train_settings
+from diffusion import SelfAttention
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -42,65 +44,71 @@ from dreamhead import SelfAttention
 # --------------------------------------------------------------------------------------------------------
 
 @dataclass
-class VAEConfig:
-    """Autoencoder shape, loss weights and training settings (defaults = a small f = 4 model)."""
+class VAEConfig(Config):
+    """Autoencoder shape, loss weights, data augmentation and training settings (defaults: a small f = 4 model)."""
 
     # architecture
-    resolution: int = 64                  # training image size (H = W); the nets are fully convolutional
-    in_channels: int = 3
-    latent_channels: int = 4
-    base_channels: int = 64
-    channel_mult: tuple = (1, 2, 2)       # len(channel_mult) - 1 downsamplings -> factor 2**(len - 1)
-    num_res_blocks: int = 1               # per level in the encoder (the decoder uses one more, as LDM)
-    attention: bool = True                # self-attention in the middle block (lowest resolution)
-    attention_heads: int = 1
-    norm_groups: int = 32
-    dropout: float = 0.0
-    downsample: str = "conv"              # "conv" (stride-2 3x3 conv, LDM) or "avgpool"
+    resolution: int = option(64, "Training image size H = W in pixels; the networks are fully convolutional.")
+    in_channels: int = option(3, "Colour channels of the images.")
+    latent_channels: int = option(4, "Channels of the latent z.")
+    base_channels: int = option(64, "Width of the first level; level k has base_channels x channel_mult[k].")
+    channel_mult: tuple = option((1, 2, 2), "Width multipliers per level, given as 1,2,2; len - 1 "
+                                 "downsamplings give the factor 2^(len - 1).")
+    num_res_blocks: int = option(1, "ResBlocks per level in the encoder (the decoder uses one more, as LDM).")
+    attention: bool = option(True, "The middle block at the lowest resolution has self-attention.")
+    attention_heads: int = option(1, "Heads of that self-attention.")
+    norm_groups: int = option(32, "Groups of every GroupNorm.")
+    dropout: float = option(0.0, "Dropout inside the ResBlocks.")
+    downsample: str = option("conv", "Downsampling: conv (stride-2 3x3 conv, as LDM) or avgpool.")
     # loss
-    kl_weight: float = 1e-6               # on the LDM scale: KL summed over latent dims vs L1 summed over pixels
-    edge_weight: float = 0.0              # L1 on Sobel gradients (cheap stand-in for LPIPS; our guess)
-    mouth_weight: float = 1.0             # L1 weight 1 + (w - 1) * p(x, y), p = how often pixel (x, y) lies in the
-                                          # mouth box over the aligned training crops (our guess: L2I renders only
-                                          # the mouth through this decoder; 1 = plain L1)
-    adversarial: bool = False
-    disc_weight: float = 0.5
-    disc_start: int = 50001               # step at which the adversarial loss switches on
-    disc_channels: int = 64
-    disc_layers: int = 3
-    disc_mouth_weight: float = 1.0        # both players average D's patch logits with weights 1 + (w - 1) * p (p as
-                                          # for mouth_weight; our guess: MediaPipe reads the opening from a few lip
-                                          # pixels, so the adversarial game should look there; 1 = plain mean;
-                                          # 10 did not beat 1 in the tiny fine-tune, README "VAE and L2I")
-    finetune_decoder: bool = False        # train only post_quant_conv + decoder, starting from `train.py --init`:
-                                          # the encoder, the latents and the scale factor stay as they were, so an
-                                          # L2I trained on that latent space keeps working (as Stability AI's
-                                          # sd-vae-ft-mse fine-tuned only SD's decoder)
-    # training
-    lr: float = 4.5e-6 * 8
-    betas: tuple = (0.5, 0.9)
-    batch_size: int = 8
-    steps: int = 100_000
-    grad_clip: float = 1.0
-    hflip: bool = True
-    colour_jitter: float = 0.0            # probability of a random RGB permutation + per-channel gain (our guess:
-                                          # held-out identities bring skin/hair/background colours unseen in training)
-    extra_identities: int = 0             # extra random identities rendered for the VAE only (data.appearance_frames;
-                                          # our guess: 16 faces get memorised, new faces need many faces)
-    crop_scale: float = 1.0               # random resized crops: side in [crop_scale, 1] of the frame, taken from
-                                          # frames stored at twice the resolution (1 = off; our guess: 16
-                                          # identities are memorised whole, crops and shifts break that)
-    natural_mix: float = 0.0              # fraction of each batch replaced by random crops of the photos shipped
-                                          # with scikit-image (our guess: SD's VAE generalises because it saw
-                                          # generic images; 16 identities alone are too few to learn colours)
-    face_iod: float = 0.0                 # framing of the frames: 0 = as rendered (eyes 0.263 +- 0.016 of the side
-                                          # apart, how the shipped models were trained); > 0 = face crops with the
-                                          # eyes this fraction apart (landmarks.face_crop_box; our guess: at 64 px
-                                          # MediaPipe needs the lips larger, README "VAE and L2I")
+    kl_weight: float = option(1e-6, "Weight of the KL term on LDM's scale (KL summed over latent dims against "
+                              "L1 summed over pixels).")
+    edge_weight: float = option(0.0, "Weight of an L1 loss on Sobel gradients, a cheap stand-in for LPIPS (our "
+                                "guess).")
+    mouth_weight: float = option(1.0, "L1 weight 1 + (w - 1) p(x, y), p being how often pixel (x, y) lies in the "
+                                 "mouth box of the training crops (our guess; 1 is plain L1, 4 measured worse).")
+    adversarial: bool = option(False, "Adds LDM's PatchGAN discriminator with hinge loss and adaptive weight.")
+    disc_weight: float = option(0.5, "Weight of the adversarial term (times LDM's adaptive weight).")
+    disc_start: int = option(50001, "Step at which the adversarial loss switches on.")
+    disc_channels: int = option(64, "Width of the discriminator's first layer.")
+    disc_layers: int = option(3, "Strided layers of the discriminator.")
+    disc_mouth_weight: float = option(1.0, "Both players average the discriminator's patch logits with weights "
+                                      "1 + (w - 1) p, p as for mouth_weight (our guess; 10 did not beat 1).")
+    finetune_decoder: bool = option(False, "Trains only post_quant_conv and the decoder from `train.py --init`, so "
+                                    "the encoder, the latents and every L2I trained on them stay valid (as "
+                                    "Stability AI's sd-vae-ft-mse fine-tuned only SD's decoder).")
+    # data augmentation
+    hflip: bool = option(True, "Frames are flipped left-right at random.")
+    colour_jitter: float = option(0.0, "Probability of a random RGB permutation and per-channel gain (our guess: "
+                                  "held-out faces bring colours unseen in training).")
+    extra_identities: int = option(0, "Extra random synthetic identities rendered for the VAE only (our guess: "
+                                   "16 faces get memorised, new faces need many faces).")
+    crop_scale: float = option(1.0, "Random resized crops with a side in [crop_scale, 1] of the frame, from frames "
+                               "stored at twice the resolution; 1 turns them off (our guess).")
+    natural_mix: float = option(0.0, "Fraction of each batch replaced by random crops of the photos shipped with "
+                                "scikit-image (our guess: SD's VAE generalises because it saw generic images).")
+    face_iod: float = option(0.0, "Framing: 0 keeps the frames as rendered (eyes 0.263 of the side apart), a value "
+                             "> 0 cuts face crops with the eyes that fraction apart (landmarks.face_crop_box).")
+    train: TrainConfig = train_settings()
+
+    PRESETS = {
+        # 64 px -> 4x16x16, 0.95 M params, ~0.5 s/step at batch 8 on one core (83 min for 9000 steps); held-out
+        # numbers in docs/experiments.md ("VAE").
+        "tiny": dict(resolution=64, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
+                     kl_weight=1e-6, edge_weight=0.0, disc_channels=32, disc_layers=2, disc_start=2001,
+                     colour_jitter=0.5, natural_mix=0.2, extra_identities=400,
+                     train=dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup=450, steps=9000, batch_size=8,
+                                ema_decay=0.999, grad_clip=1.0)),
+        # 256 px -> 4x32x32 with SD-VAE widths (SD: 2 res blocks per level, kl 1e-6, disc from 50k steps).
+        "paper": dict(resolution=256, base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                      norm_groups=32, kl_weight=1e-6, edge_weight=0.0, adversarial=True, disc_weight=0.5,
+                      disc_start=50001, disc_channels=64, disc_layers=3,
+                      train=dict(lr=4.5e-6 * 8, betas=(0.5, 0.9), weight_decay=0.0, warmup=500, steps=200_000,
+                                 batch_size=8, ema_decay=0.999, grad_clip=1.0)),
+    }
 
     def __post_init__(self):
-        self.channel_mult = tuple(self.channel_mult)  # lists come back from checkpoints / json
-        self.betas = tuple(self.betas)
+        super().__post_init__()
         if len(self.channel_mult) < 1:
             raise ValueError("channel_mult needs at least one level")
         if self.downsample not in ("conv", "avgpool"):
@@ -123,31 +131,6 @@ class VAEConfig:
     @property
     def latent_shape(self) -> tuple:
         return (self.latent_channels, self.latent_resolution, self.latent_resolution)
-
-    @classmethod
-    def preset(cls, name: str) -> "VAEConfig":
-        presets = {
-            # 64 px -> 4x16x16, 0.95 M params, ~0.5 s/step at batch 8 on one core (83 min for 9000 steps).
-            # Held-out synthetic identities (evaluate.py vae, 3112 frames): 20.0 dB trained on the 16 training
-            # identities alone; 23.9 dB with colour jitter and photo crops (4000 steps); 25.7 dB adding 400
-            # appearance-only identities (3000 steps); 30.4 dB (mouth box 28.6) with these settings, 9000 steps
-            # (README "VAE and L2I" for the commands).
-            "tiny": dict(resolution=64, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                         norm_groups=8, kl_weight=1e-6, edge_weight=0.0, lr=1e-3, betas=(0.9, 0.99),
-                         batch_size=8, steps=9000, disc_channels=32, disc_layers=2, disc_start=2001,
-                         colour_jitter=0.5, natural_mix=0.2, extra_identities=400),
-            # 256 px -> 4x32x32 with SD-VAE widths (SD: 2 res blocks per level, kl 1e-6, disc from 50k steps).
-            "paper": dict(resolution=256, base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-                          norm_groups=32, kl_weight=1e-6, edge_weight=0.0, adversarial=True,
-                          disc_weight=0.5, disc_start=50001, disc_channels=64, disc_layers=3,
-                          lr=4.5e-6 * 8, betas=(0.5, 0.9), batch_size=8, steps=200_000),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown VAE preset {name!r}; valid presets: {sorted(presets)}")
-        return cls(**presets[name])
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -180,11 +163,6 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample (B,), summed over latent dims: 0.5 * sum(mu^2 + var - 1 - logvar)."""
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=self._sum_dims())
-
-    def nll(self, z: torch.Tensor) -> torch.Tensor:
-        """-log q(z) per sample (B,): 0.5 * sum(log 2 pi + logvar + (z - mu)^2 / var)."""
-        return 0.5 * (math.log(2.0 * math.pi) + self.logvar
-                      + (z - self.mean).pow(2) / self.var).sum(dim=self._sum_dims())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -315,7 +293,7 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
@@ -324,17 +302,17 @@ class AutoencoderKL(nn.Module):
 
     # ---- shape checks ------------------------------------------------------------------------------
     def _check_image(self, x: torch.Tensor):
-        f = self.cfg.downsampling_factor
+        f = self.config.downsampling_factor
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise ValueError("images must be a float tensor in [-1, 1] (use FrameDataset for uint8 frames)")
-        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"images must be (B, {self.cfg.in_channels}, H, W) with H, W divisible by {f}, "
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"images must be (B, {self.config.in_channels}, H, W) with H, W divisible by {f}, "
                              f"got {tuple(x.shape)}")
 
     def _check_latent(self, z: torch.Tensor):
-        if not torch.is_tensor(z) or z.ndim != 4 or z.shape[1] != self.cfg.latent_channels:
+        if not torch.is_tensor(z) or z.ndim != 4 or z.shape[1] != self.config.latent_channels:
             shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
-            raise ValueError(f"latents must be (B, {self.cfg.latent_channels}, h, w), got {shape}")
+            raise ValueError(f"latents must be (B, {self.config.latent_channels}, h, w), got {shape}")
 
     # ---- E and D -----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -382,18 +360,13 @@ class AutoencoderKL(nn.Module):
     def _as_latents(self, batch: torch.Tensor) -> torch.Tensor:
         """Latents pass through; images (in_channels, or full resolution when the channel counts agree)
         are encoded with the posterior mode."""
-        cfg = self.cfg
+        cfg = self.config
         is_latent = batch.ndim == 4 and batch.shape[1] == cfg.latent_channels and (
             cfg.in_channels != cfg.latent_channels or batch.shape[-1] != cfg.resolution)
         if is_latent:
             return batch.to(self.scale_factor.device)
         return self.encode(batch.to(self.scale_factor.device)).mode()
 
-    def freeze(self) -> "AutoencoderKL":
-        """The frozen E / D of the L2I stage: eval mode, no gradients."""
-        self.eval()
-        self.requires_grad_(False)
-        return self
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -467,7 +440,7 @@ def vae_loss(model: AutoencoderKL, x: torch.Tensor, disc: PatchDiscriminator | N
     result is (loss, logs, x_rec.detach()), so the discriminator step can reuse the reconstruction instead of
     running the autoencoder again.
     """
-    cfg = model.cfg
+    cfg = model.config
     x_rec, posterior = model(x, sample_posterior=True)
     rec = (x - x_rec).abs()  # (B, 3, H, W)
     rec = weighted_mean(rec, pixel_weight)
@@ -491,7 +464,6 @@ def vae_loss(model: AutoencoderKL, x: torch.Tensor, disc: PatchDiscriminator | N
 def mouth_weight_map(P_px: np.ndarray, size: int, mouth_weight: float) -> torch.Tensor:
     """(1, 1, size, size) L1 weights 1 + (mouth_weight - 1) * p, where p is the fraction of the faces P_px
     (N, 478, 2|3), in pixels of size x size crops, whose mouth box covers each pixel (see VAEConfig.mouth_weight)."""
-    import landmarks
     p = np.mean([landmarks.mouth_mask(P, (size, size)) for P in P_px], axis=0)  # (size, size)
     return 1.0 + (mouth_weight - 1.0) * torch.from_numpy(p.astype(np.float32))[None, None]
 
@@ -512,7 +484,7 @@ def discriminator_loss(model: AutoencoderKL, disc: PatchDiscriminator, x: torch.
     logits_fake = disc(x_rec.detach())
     hinge = 0.5 * (weighted_mean(F.relu(1.0 - logits_real), weight_map)
                    + weighted_mean(F.relu(1.0 + logits_fake), weight_map))
-    factor = 1.0 if step >= model.cfg.disc_start else 0.0
+    factor = 1.0 if step >= model.config.disc_start else 0.0
     loss = factor * hinge
     logs = {"d_loss": hinge.item(), "logits_real": logits_real.mean().item(),
             "logits_fake": logits_fake.mean().item()}
@@ -543,14 +515,8 @@ class FrameDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.frames)
 
-    @staticmethod
-    def to_tensor(frames: np.ndarray) -> torch.Tensor:
-        """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1.0)
-        return x.movedim(-1, -3)
-
     def __getitem__(self, index):
-        x = self.to_tensor(self.frames[index])                          # (3, H, W)
+        x = to_tensor_image(self.frames[index])                          # (3, H, W)
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x
@@ -572,11 +538,11 @@ class FrameDataset(torch.utils.data.Dataset):
     def random_batch(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """A batch (B, 3, H, W) drawn with replacement, for simple training loops without a DataLoader."""
         idx = torch.randint(len(self), (batch_size,), generator=generator)
-        x = self.random_crops(self.to_tensor(self.frames[np.sort(idx.numpy())]), generator)  # (B, 3, size, size)
+        x = self.random_crops(to_tensor_image(self.frames[np.sort(idx.numpy())]), generator)  # (B, 3, size, size)
         if self.natural is not None:
             swap = torch.rand(batch_size, generator=generator) < self.natural_mix
             pick = torch.randint(len(self.natural), (int(swap.sum()),), generator=generator)
-            x[swap] = self.to_tensor(self.natural[pick.numpy()])
+            x[swap] = to_tensor_image(self.natural[pick.numpy()])
         if self.hflip:
             flip = torch.rand(batch_size, generator=generator) < 0.5
             x[flip] = x[flip].flip(-1)
@@ -592,7 +558,6 @@ NATURAL_IMAGES = ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohis
 def natural_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
     """count random square crops (count, size, size, 3) uint8 of the photos that ship inside scikit-image
     (no download), at random scales; grayscale photos get a random tint so every colour is covered."""
-    import skimage.data
     rng = np.random.default_rng(seed)
     photos = []  # (RGB image, whether it was grayscale)
     for name in NATURAL_IMAGES:
@@ -621,39 +586,3 @@ def jitter_colours(x: torch.Tensor, p: float, generator: torch.Generator | None 
     gain = 0.8 + 0.4 * torch.rand(B, 3, 1, 1, generator=generator)  # (B, 3, 1, 1)
     jittered = ((torch.gather(x, 1, perm[:, :, None, None].expand_as(x)) + 1) * gain - 1).clamp(-1, 1)
     return torch.where(pick[:, None, None, None], jittered, x)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean"):
-    """PSNR in dB for images in [-1, 1] (peak-to-peak 2): 10 log10(4 / MSE), per image, then averaged.
-
-    x, y: (B, C, H, W) or (C, H, W). mask: optional weights broadcastable to (B, 1, H, W) (1 = counted),
-    e.g. the mouth box. Identical images give inf. reduction "mean" -> float, "none" -> tensor (B,).
-    """
-    if x.shape != y.shape:
-        raise ValueError(f"psnr: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
-    if x.ndim == 3:
-        x, y = x[None], y[None]
-    if x.ndim != 4:
-        raise ValueError(f"psnr expects (B, C, H, W) or (C, H, W), got {tuple(x.shape)}")
-    err = (x.double() - y.double()).pow(2)                              # (B, C, H, W)
-    if mask is None:
-        mse = err.mean(dim=(1, 2, 3))
-    else:
-        w = torch.as_tensor(mask, dtype=torch.float64, device=err.device)
-        w = torch.broadcast_to(w, (err.shape[0], 1) + err.shape[2:])    # (B, 1, H, W)
-        denom = w.sum(dim=(1, 2, 3)) * err.shape[1]
-        if (denom <= 0).any():
-            raise ValueError("psnr: the mask selects no pixel in some image")
-        mse = (err * w).sum(dim=(1, 2, 3)) / denom
-    values = 10.0 * torch.log10(4.0 / mse)                              # inf where mse == 0
-    if reduction == "none":
-        return values
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    return float(values.mean())

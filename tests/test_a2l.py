@@ -10,16 +10,17 @@ import torch
 
 
 import a2l
-from dreamhead import UsageError
+import audio as au
+from common import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SR = a2l.SAMPLE_RATE
+SR = au.SAMPLE_RATE
 
 
 
 def small_config(**overrides):
     fields = dict(width=32, pairs=1, heads=2, audio_layers=1, window=16, overlap=4, num_train_timesteps=50,
-                  sample_steps=2, batch_size=4)
+                  sample_steps=2)
     fields.update(overrides)
     return a2l.A2LConfig(**fields)
 
@@ -54,11 +55,11 @@ def random_model(config, seed=0):
 
 def test_mel_filterbank_matches_librosa():
     librosa = pytest.importorskip("librosa", reason="librosa not installed: no reference filterbank")
-    ours = a2l.mel_filterbank(16000, 512, 80, 0.0, 8000.0)
+    ours = au.mel_filterbank(16000, 512, 80, 0.0, 8000.0)
     ref = librosa.filters.mel(sr=16000, n_fft=512, n_mels=80, fmin=0.0, fmax=8000.0, dtype=np.float64)
     assert ours.shape == (80, 257)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.max())
-    ours55 = a2l.mel_filterbank(16000, 400, 40, 55.0, 7600.0)
+    ours55 = au.mel_filterbank(16000, 400, 40, 55.0, 7600.0)
     ref55 = librosa.filters.mel(sr=16000, n_fft=400, n_mels=40, fmin=55.0, fmax=7600.0, dtype=np.float64)
     np.testing.assert_allclose(ours55, ref55, rtol=1e-4, atol=1e-4 * ref55.max())
 
@@ -67,37 +68,37 @@ def test_mel_spectrogram_matches_librosa():
     librosa = pytest.importorskip("librosa", reason="librosa not installed: no reference spectrogram")
     wave, _ = tone_bursts(0.7, seed=3)
     wave = wave.astype(np.float64) + 0.01 * np.random.default_rng(0).standard_normal(wave.size)
-    ours = a2l.mel_spectrogram(torch.from_numpy(wave)).numpy()                      # (n_frames, 80)
+    ours = au.mel_spectrogram(torch.from_numpy(wave)).numpy()                      # (n_frames, 80)
     ref = librosa.feature.melspectrogram(y=wave, sr=16000, n_fft=512, hop_length=160, win_length=400,
                                          window="hann", center=True, pad_mode="constant", power=2.0,
                                          n_mels=80, fmin=0.0, fmax=8000.0).T
     assert ours.shape == ref.shape == (1 + wave.size // 160, 80)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6 * ref.max())
-    batched = a2l.log_mel(torch.from_numpy(np.stack([wave, wave[::-1].copy()])))
+    batched = au.log_mel(torch.from_numpy(np.stack([wave, wave[::-1].copy()])))
     assert batched.shape == (2, ours.shape[0], 80)
     torch.testing.assert_close(batched[0], torch.log(torch.from_numpy(ours).clamp_min(1e-5)))
 
 
 def test_frames_for_duration_is_ceil():
     for n in [1, 639, 640, 641, 1280, 16000, 16001, 180800, 12345]:
-        assert a2l.frames_for_duration(n) == math.ceil(n / 16000 * 25), n
-    assert a2l.frames_for_duration(int(11.3 * 16000)) == 283
+        assert au.frames_for_duration(n) == math.ceil(n / 16000 * 25), n
+    assert au.frames_for_duration(int(11.3 * 16000)) == 283
 
 
 def test_mel_context_windows_are_aligned():
     wave, _ = tone_bursts(1.03, seed=1)
-    ctx = a2l.mel_context(wave, context_frames=2)
-    T = a2l.frames_for_duration(wave.size)
+    ctx = au.mel_context(wave, context_frames=2)
+    T = au.frames_for_duration(wave.size)
     assert ctx.shape == (T, 20, 80)
-    mel = a2l.log_mel(torch.from_numpy(wave))                                        # (n_mel_frames, 80)
-    silence = math.log(a2l.LOG_FLOOR)
+    mel = au.log_mel(torch.from_numpy(wave))                                        # (n_mel_frames, 80)
+    silence = math.log(au.LOG_FLOOR)
     for i in [0, 1, 10, T - 1]:
         for j in range(20):
             m = 4 * (i - 2) + j
             expected = mel[m] if 0 <= m < min(mel.shape[0], 4 * T) else torch.full((80,), silence)
             torch.testing.assert_close(ctx[i, j], expected)
-    assert a2l.mel_context(wave, num_frames=7).shape == (7, 20, 80)
-    assert a2l.mel_context(wave, num_frames=T + 5, context_frames=1).shape == (T + 5, 12, 80)
+    assert au.mel_context(wave, num_frames=7).shape == (7, 20, 80)
+    assert au.mel_context(wave, num_frames=T + 5, context_frames=1).shape == (T + 5, 12, 80)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,52 +117,52 @@ def _write(path, data, sr, **kw):
 def test_load_audio_formats(tmp_path, name, sr, channels, subtype):
     mono, _ = tone_bursts(1.2, sr=sr, seed=2, amplitude=0.3)
     data = np.stack([mono] * channels, axis=1) if channels > 1 else mono
-    wave = a2l.load_audio(_write(tmp_path / name, data, sr, subtype=subtype))
+    wave = au.load_audio(_write(tmp_path / name, data, sr, subtype=subtype))
     assert wave.dtype == np.float32 and wave.ndim == 1
     assert wave.size == math.ceil(mono.size * 16000 / sr)
-    reference = a2l.normalize_loudness(mono.astype(np.float32))   # same signal, at its own rate
+    reference = au.normalize_loudness(mono.astype(np.float32))   # same signal, at its own rate
     assert np.sqrt(np.mean(wave ** 2)) == pytest.approx(np.sqrt(np.mean(reference ** 2)), rel=0.05)
 
 
 def test_load_audio_volume_invariant(tmp_path):
     mono, _ = tone_bursts(1.0, seed=4, amplitude=0.8)
-    loud = a2l.load_audio(_write(tmp_path / "loud.wav", mono, 16000, subtype="FLOAT"))
-    quiet = a2l.load_audio(_write(tmp_path / "quiet.wav", mono * 0.003, 16000, subtype="FLOAT"))
+    loud = au.load_audio(_write(tmp_path / "loud.wav", mono, 16000, subtype="FLOAT"))
+    quiet = au.load_audio(_write(tmp_path / "quiet.wav", mono * 0.003, 16000, subtype="FLOAT"))
     np.testing.assert_allclose(quiet, loud, atol=1e-5)
     assert np.abs(loud).max() <= 0.99 + 1e-6 and np.sqrt(np.mean(loud ** 2)) > 0.01
-    quiet16 = a2l.load_audio(_write(tmp_path / "quiet16.wav", mono * 0.05, 16000, subtype="PCM_16"))
+    quiet16 = au.load_audio(_write(tmp_path / "quiet16.wav", mono * 0.05, 16000, subtype="PCM_16"))
     np.testing.assert_allclose(quiet16, loud, atol=2e-3)
 
 
 def test_silent_audio_gives_zeros(tmp_path):
-    wave = a2l.load_audio(_write(tmp_path / "silence.wav", np.zeros(8000, np.int16), 16000))
+    wave = au.load_audio(_write(tmp_path / "silence.wav", np.zeros(8000, np.int16), 16000))
     assert wave.shape == (8000,) and not wave.any()
-    wave = a2l.load_audio(_write(tmp_path / "silence8k.wav", np.zeros(800, np.float32), 8000, subtype="FLOAT"))
+    wave = au.load_audio(_write(tmp_path / "silence8k.wav", np.zeros(800, np.float32), 8000, subtype="FLOAT"))
     assert wave.shape == (1600,) and not wave.any()
 
 
 def test_load_audio_bad_inputs(tmp_path):
     with pytest.raises(UsageError, match="not found"):
-        a2l.load_audio(tmp_path / "missing.wav")
+        au.load_audio(tmp_path / "missing.wav")
     with pytest.raises(UsageError, match="not a file"):
-        a2l.load_audio(tmp_path)
+        au.load_audio(tmp_path)
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x00\x01garbage" + os.urandom(200))
     with pytest.raises(UsageError, match="cannot read audio"):
-        a2l.load_audio(corrupt)
+        au.load_audio(corrupt)
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     with pytest.raises(UsageError, match="cannot read audio"):
-        a2l.load_audio(empty)
+        au.load_audio(empty)
     with pytest.raises(UsageError, match="zero length"):
-        a2l.load_audio(_write(tmp_path / "zero.wav", np.zeros(0, np.float32), 16000))
+        au.load_audio(_write(tmp_path / "zero.wav", np.zeros(0, np.float32), 16000))
     nan = np.zeros(1000, np.float32)
     nan[10] = np.nan
     with pytest.raises(UsageError, match="NaN"):
-        a2l.load_audio(_write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT"))
+        au.load_audio(_write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT"))
     for err in [UsageError]:   # one line each
         try:
-            a2l.load_audio(corrupt)
+            au.load_audio(corrupt)
         except err as e:
             assert "\n" not in str(e) and str(corrupt) in str(e)
 
@@ -181,11 +182,6 @@ def test_presets():
         a2l.A2LConfig.preset("huge")
     with pytest.raises(ValueError, match="overlap"):
         a2l.A2LConfig(window=8, overlap=8)
-
-
-def test_lip_indices_match_landmarks_module():
-    landmarks = pytest.importorskip("landmarks")
-    assert sorted(a2l.LIP_INDICES) == sorted(int(i) for i in landmarks.LIPS)
 
 
 def test_forward_shapes_and_errors():
@@ -241,7 +237,7 @@ def _toy_batch(B=4, L=16, seed=0):
         frames = base.repeat(L, 1, 1)
         frames[:, [14, 17, 84, 314], 1] += 0.3 * opening[:, None]
         P.append(frames)
-        mel.append(a2l.mel_context(a2l.normalize_loudness(wave), num_frames=L))
+        mel.append(au.mel_context(au.normalize_loudness(wave), num_frames=L))
     return {"landmarks": torch.stack(P), "p_bar": base.repeat(B, 1, 1), "mel_ctx": torch.stack(mel)}
 
 
@@ -297,7 +293,7 @@ def test_window_starts_cover_everything():
 def test_generate_any_length_holds_overlap_and_is_seeded():
     model = random_model(small_config())
     wave, _ = tone_bursts(11.3, seed=5)
-    mel = a2l.mel_context(a2l.normalize_loudness(wave))
+    mel = au.mel_context(au.normalize_loudness(wave))
     p_bar = torch.randn(478, 3)
     calls = []
     original = model.sample_window
@@ -362,11 +358,11 @@ def test_guidance_and_regression_sampling():
 # ---------------------------------------------------------------------------------------------------------
 
 def write_fake_clip(path, identity, seconds, seed, rotate=True):
-    """A data.py-style clip: template landmarks in pixels (small head motion), lower lip and chin moved down by
+    """A clip in the clip format (no video; A2L reads only landmarks and audio): template landmarks in pixels (small head motion), lower lip and chin moved down by
     the tone-burst gate; int16 audio at 16 kHz."""
     template = np.load(os.path.join(ROOT, "assets", "canonical_template.npy")).astype(np.float64)
     wave, gate = tone_bursts(seconds, seed=seed, amplitude=0.4)
-    T = a2l.frames_for_duration(wave.size)
+    T = au.frames_for_duration(wave.size)
     opening = np.pad(gate, (0, T * 640 - gate.size)).reshape(T, 640).mean(1)          # (T,)
     P = np.repeat(template[None], T, axis=0) * (1 + 0.05 * identity)                   # (T, 478, 3)
     P[:, [14, 17, 84, 314, 152], 1] += 0.25 * opening[:, None]
@@ -375,7 +371,7 @@ def write_fake_clip(path, identity, seconds, seed, rotate=True):
     x, y = P[..., 0].copy(), P[..., 1].copy()
     P[..., 0], P[..., 1] = cos * x - sin * y, sin * x + cos * y
     P = P * 60.0 + np.array([128.0, 120.0, 0.0])
-    np.savez(path, landmarks=P.astype(np.float32), fps=25, identity=identity,
+    np.savez(path, landmarks=P.astype(np.float32), fps=25, identity=identity, frame_size=(256, 256),
              audio=(wave * 32767).astype(np.int16), sample_rate=16000)
     return str(path)
 
@@ -401,8 +397,8 @@ def test_dataset_windows_and_residual_std(tmp_path):
     last = evaluation[3]
     torch.testing.assert_close(last["landmarks"], evaluation.clips[0]["P"][34:50])
     with np.load(paths[0]) as z:
-        wave = a2l.prepare_wave(z["audio"], 16000)
-    full = a2l.mel_context(wave, num_frames=50)
+        wave = au.prepare_wave(z["audio"], 16000)
+    full = au.mel_context(wave, num_frames=50)
     torch.testing.assert_close(last["mel_ctx"], full[34:50])
     torch.testing.assert_close(evaluation[0]["mel_ctx"], full[0:16])
     std = a2l.compute_residual_std(train)
@@ -420,7 +416,7 @@ def test_dataset_bad_inputs(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not an npz")
     with pytest.raises(UsageError, match="cannot read clip"):
-        a2l.A2LWindows([str(bad)], window=16, canonicalize=lambda P: (P, None))
+        a2l.A2LWindows([str(bad)], window=16)
     short = write_fake_clip(tmp_path / "short.npz", 0, 0.2, 0)
     with pytest.warns(UserWarning), pytest.raises(UsageError, match="no clip"):
-        a2l.A2LWindows([short], window=16, canonicalize=lambda P: (P, None))
+        a2l.A2LWindows([short], window=16)

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 
+import clips
 import data
 import landmarks
+import synth_clips
+import synth_face
+import synth_speech
+from common import UsageError
 
 TEXT = "Papa, a map."
 
@@ -18,15 +23,15 @@ TEXT = "Papa, a map."
 @pytest.fixture(scope="module")
 def short_clip(tmp_path_factory):
     """A ~1.5 s clip at 128 px written to disk: (clip dict, npz path, mp4 path)."""
-    clip = data.make_clip(seed=3, index=0, split="train", size=128, text=TEXT)
+    clip = synth_clips.make_clip(seed=3, index=0, split="train", size=128, text=TEXT)
     stem = str(tmp_path_factory.mktemp("clip") / "clip_0000")
-    data.write_clip(stem, clip)
+    clips.save_clip(stem, clip)
     return clip, stem + ".npz", stem + ".mp4"
 
 
 def test_speech_phoneme_events_in_order():
-    wav, phonemes = data.synthesize("Mama bought a big apple.", "en-us", rate=170, pitch=50)
-    duration = len(wav) / data.ESPEAK_RATE
+    wav, phonemes = synth_speech.synthesize("Mama bought a big apple.", "en-us", rate=170, pitch=50)
+    duration = len(wav) / synth_speech.ESPEAK_RATE
     assert wav.dtype == np.int16 and 0.8 < duration < 4.0
     starts = np.array([s for s, _, _ in phonemes])
     ends = np.array([e for _, e, _ in phonemes])
@@ -37,21 +42,21 @@ def test_speech_phoneme_events_in_order():
 
 
 def test_speech_clip_audio_length_and_timings():
-    audio, times, ipa, text = data.speech_clip(np.random.default_rng(5), "train")
-    duration = len(audio) / data.SAMPLE_RATE
-    assert audio.dtype == np.int16 and data.CLIP_SECONDS[0] <= duration <= data.CLIP_SECONDS[1] + 1e-6
+    audio, times, ipa, text = synth_speech.speech_clip(np.random.default_rng(5), "train")
+    duration = len(audio) / synth_speech.SAMPLE_RATE
+    assert audio.dtype == np.int16 and synth_speech.CLIP_SECONDS[0] <= duration <= synth_speech.CLIP_SECONDS[1] + 1e-6
     assert times.shape == (len(ipa), 2) and len(ipa) > 10
     assert np.all(times[:, 1] > times[:, 0]) and times[-1, 1] <= duration + 1e-6
     sentences = [s.strip() for s in re.findall(r"[^.]+\.", text)]
-    assert sentences and all(s in data.sentence_pool("train") for s in sentences)
+    assert sentences and all(s in synth_speech.sentence_pool("train") for s in sentences)
 
 
 def test_articulation_follows_phonemes():
     phonemes = np.array([[0.3, 0.4], [0.4, 0.65], [0.65, 0.7], [0.7, 0.95], [0.95, 1.2]], np.float32)
     ipa = ["m", "ˈɑː", "p", "iː", "uː"]
-    art = data.articulation(phonemes, ipa, 1.6)
-    assert art.shape == (math.ceil(1.6 * data.FPS), 2)
-    at = lambda t: art[int(t * data.FPS)]  # frame whose centre is nearest after t - 20 ms
+    art = synth_speech.articulation(phonemes, ipa, 1.6)
+    assert art.shape == (math.ceil(1.6 * synth_speech.FPS), 2)
+    at = lambda t: art[int(t * synth_speech.FPS)]  # frame whose centre is nearest after t - 20 ms
     assert at(0.1)[0] == pytest.approx(0, abs=1e-3) and at(1.5)[0] == pytest.approx(0, abs=1e-3)  # silence
     assert at(0.35)[0] < 0.05 and at(0.65)[0] < 0.05  # m and p closures
     assert at(0.52)[0] > 0.7  # 'a' open
@@ -60,29 +65,30 @@ def test_articulation_follows_phonemes():
 
 def test_clip_files_keys_shapes_and_codecs(short_clip):
     clip, npz, mp4 = short_clip
-    loaded = data.load_clip(npz)
+    loaded = clips.load_clip(npz)
     duration = len(loaded["audio"]) / loaded["sample_rate"]
     T = math.ceil(duration * 25)
     assert 0.8 < duration < 2.5
     assert set(loaded) == {"landmarks", "fps", "identity", "audio", "sample_rate", "text", "phonemes",
-                           "phoneme_ipa", "frame_size"}
+                           "phoneme_ipa", "frame_size", "video"}
+    assert loaded["video"] == mp4
     assert loaded["landmarks"].shape == (T, 478, 3) and loaded["landmarks"].dtype == np.float32
-    assert loaded["fps"] == 25 and loaded["sample_rate"] == 16000 and loaded["frame_size"] == 128
+    assert loaded["fps"] == 25 and loaded["sample_rate"] == 16000 and loaded["frame_size"] == (128, 128)
     assert loaded["audio"].dtype == np.int16 and loaded["text"] == TEXT
     assert loaded["phonemes"].shape == (len(loaded["phoneme_ipa"]), 2)
-    assert loaded["identity"] in data.TRAIN_IDENTITIES
-    probe = subprocess.run([data.ffmpeg_exe(), "-hide_banner", "-i", mp4], capture_output=True, text=True).stderr
+    assert int(loaded["identity"]) in synth_face.TRAIN_IDENTITIES
+    probe = subprocess.run([clips.ffmpeg_exe(), "-hide_banner", "-i", mp4], capture_output=True, text=True).stderr
     assert re.search(r"Video: h264", probe) and re.search(r"Audio: aac", probe) and "25 fps" in probe
-    frames = data.read_frames(mp4)
+    frames = clips.read_frames(mp4)
     assert frames.shape == (T, 128, 128, 3) and frames.dtype == np.uint8
     assert np.abs(frames.astype(int) - clip["frames"].astype(int)).mean() < 6  # H.264 is lossy but close
-    assert data.read_frames(mp4, size=64).shape == (T, 64, 64, 3)
+    assert clips.read_frames(mp4, size=64).shape == (T, 64, 64, 3)
 
 
 def test_clip_is_deterministic_by_seed(short_clip):
     clip = short_clip[0]
-    again = data.make_clip(seed=3, index=0, split="train", size=128, text=TEXT)
-    other = data.make_clip(seed=4, index=0, split="train", size=128, text=TEXT)
+    again = synth_clips.make_clip(seed=3, index=0, split="train", size=128, text=TEXT)
+    other = synth_clips.make_clip(seed=4, index=0, split="train", size=128, text=TEXT)
     assert np.array_equal(clip["frames"], again["frames"])
     assert np.array_equal(clip["landmarks"], again["landmarks"]) and np.array_equal(clip["audio"], again["audio"])
     assert not np.array_equal(clip["landmarks"], other["landmarks"])
@@ -102,19 +108,19 @@ def test_mouth_closed_at_bilabials_and_silence_open_on_a(short_clip):
 
 
 def test_identity_splits_are_disjoint():
-    assert not set(data.TRAIN_IDENTITIES) & set(data.TEST_IDENTITIES)
-    assert len(data.TRAIN_IDENTITIES) + len(data.TEST_IDENTITIES) >= 16 + 4
+    assert not set(synth_face.TRAIN_IDENTITIES) & set(synth_face.TEST_IDENTITIES)
+    assert len(synth_face.TRAIN_IDENTITIES) + len(synth_face.TEST_IDENTITIES) >= 16 + 4
     rng = np.random.default_rng(0)
-    assert {data.pick_identity(rng, "test") for _ in range(200)} == set(data.TEST_IDENTITIES)
-    assert {data.pick_identity(rng, "train") for _ in range(400)} == set(data.TRAIN_IDENTITIES)
-    assert not set(data.sentence_pool("train")) & set(data.sentence_pool("test"))
-    with pytest.raises(data.UsageError):
-        data.pick_identity(rng, "val")
+    assert {synth_clips.pick_identity(rng, "test") for _ in range(200)} == set(synth_face.TEST_IDENTITIES)
+    assert {synth_clips.pick_identity(rng, "train") for _ in range(400)} == set(synth_face.TRAIN_IDENTITIES)
+    assert not set(synth_speech.sentence_pool("train")) & set(synth_speech.sentence_pool("test"))
+    with pytest.raises(UsageError):
+        synth_clips.pick_identity(rng, "val")
 
 
 def test_mediapipe_finds_rendered_face_and_lips():
     art = np.array([[0.0, 0.0], [0.9, 0.1]], np.float32)
-    frames, meshes = data.render_clip(17, art, np.zeros(2, np.float32), np.zeros((2, 5), np.float32), 256)
+    frames, meshes = synth_face.render_clip(17, art, np.zeros(2, np.float32), np.zeros((2, 5), np.float32), 256)
     for frame, gt in zip(frames, meshes):
         found = landmarks.detect_image(frame)
         err = landmarks.lip_lmd(found, gt) / landmarks.inter_ocular(gt)
@@ -124,19 +130,39 @@ def test_mediapipe_finds_rendered_face_and_lips():
 
 
 def test_ensure_synthetic_generates_once(tmp_path):
-    paths = data.ensure_synthetic("test", clips=1, seed=1, root=str(tmp_path), size=64, workers=1)
+    paths = synth_clips.ensure_synthetic("test", count=1, seed=1, root=str(tmp_path), size=64, workers=1)
     assert len(paths) == 1 and os.path.exists(paths[0]) and os.path.exists(paths[0][:-4] + ".mp4")
-    assert data.load_clip(paths[0])["identity"] in data.TEST_IDENTITIES
+    assert int(clips.load_clip(paths[0])["identity"]) in synth_face.TEST_IDENTITIES
     stamp = os.path.getmtime(paths[0])
-    assert data.ensure_synthetic("test", clips=1, seed=1, root=str(tmp_path), size=64, workers=1) == paths
+    assert synth_clips.ensure_synthetic("test", count=1, seed=1, root=str(tmp_path), size=64, workers=1) == paths
     assert os.path.getmtime(paths[0]) == stamp
 
 
 def test_appearance_frames_are_new_identities_for_the_vae():
-    frames = data.appearance_frames(2, 3, 32, seed=0, progress=False)
+    frames = synth_clips.appearance_frames(2, 3, 32, seed=0, progress=False)
     assert frames.shape == (6, 32, 32, 3) and frames.dtype == np.uint8
-    assert np.array_equal(frames, data.appearance_frames(2, 3, 32, seed=0, progress=False))
+    assert np.array_equal(frames, synth_clips.appearance_frames(2, 3, 32, seed=0, progress=False))
     assert np.abs(frames[0].astype(int) - frames[3]).mean() > 10  # two identities, two looks
     with pytest.raises(ValueError):
-        data.identity_params(data.NUM_IDENTITIES)  # clips use 0-19 only; extras start at EXTRA_IDENTITIES_START
-    assert data.identity_params(data.EXTRA_IDENTITIES_START)["photo"] in ("astronaut", "grace")
+        synth_face.identity_params(synth_face.NUM_IDENTITIES)  # clips use 0-19 only; extras start at EXTRA_IDENTITIES_START
+    assert synth_face.identity_params(synth_face.EXTRA_IDENTITIES_START)["photo"] in ("astronaut", "grace")
+
+
+def test_template_regenerates_from_the_sample_photos():
+    assert np.abs(data.make_canonical_template() - landmarks.CANONICAL_TEMPLATE).max() < 1e-3
+
+
+def test_detect_command_prints_a_summary_and_refuses_a_face_less_photo(tmp_path, capsys):
+    import cv2
+    import skimage.data
+
+    photo, out = tmp_path / "face.png", tmp_path / "panel.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR))
+    data.main(["detect", str(photo), "--out", str(out), "--size", "128"])
+    assert cv2.imread(str(out)).shape == (512, 3 * 512, 3)
+    assert "inter-ocular" in capsys.readouterr().out
+    cv2.imwrite(str(photo), np.full((64, 64, 3), 90, np.uint8))
+    with pytest.raises(UsageError, match="no face found"):
+        data.main(["detect", str(photo)])
+    with pytest.raises(UsageError, match="does not exist"):
+        data.main(["detect", str(tmp_path / "missing.png")])

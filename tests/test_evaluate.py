@@ -3,25 +3,26 @@ import cv2
 import numpy as np
 import pytest
 
-import data
 import evaluate
 import landmarks
+import metrics
+import synth_clips
 from vae import AutoencoderKL, VAEConfig
 
 
-@pytest.mark.parametrize("upscale", sorted(evaluate.UPSCALE))
+@pytest.mark.parametrize("upscale", sorted(metrics.UPSCALE))
 def test_mediapipe_opening_follows_the_rendered_mouth_and_marks_missing_faces(upscale):
-    clip = data.make_clip(0, 0, "test", size=128, seconds=3.0)
+    clip = synth_clips.make_clip(0, 0, "test", size=128, seconds=3.0)
     frames, P = clip["frames"], clip["landmarks"]
     truth = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
     pick = np.argsort(truth)[np.linspace(0, len(truth) - 1, 12).astype(int)]  # closed to wide open
     small = np.stack([cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA) for f in frames[pick]])
     blank = np.full((1, 64, 64, 3), 127, np.uint8)
-    measured = evaluate.measured_opening(np.concatenate([small, blank]), upscale=upscale)
+    measured = metrics.measured_opening(np.concatenate([small, blank]), upscale=upscale)
     assert np.isnan(measured[-1]) and np.isfinite(measured[:-1]).all()  # a blank frame has no face
-    assert evaluate._nan_corr(measured[:-1], truth[pick]) > 0.8
+    assert metrics.nan_corr(measured[:-1], truth[pick]) > 0.8
     with pytest.raises(ValueError, match="unknown upscale"):
-        evaluate.measured_opening(blank, upscale="nearest")
+        metrics.measured_opening(blank, upscale="nearest")
 
 
 def test_vae_psnr_is_reported_over_the_frame_and_the_mouth_box():
@@ -44,7 +45,7 @@ class _LosslessVAE:
 
 
 def test_vae_row_reports_how_mediapipe_opening_on_reconstructions_follows_the_truth():
-    clip = data.make_clip(0, 1, "test", size=128, seconds=2.0)
+    clip = synth_clips.make_clip(0, 1, "test", size=128, seconds=2.0)
     frames = np.stack([cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA) for f in clip["frames"][::3]])
     P = clip["landmarks"][::3] / 2  # (T, 478, 3) in 64 px
     truth = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
@@ -62,9 +63,9 @@ def test_l2i_row_has_the_baselines_ceilings_and_one_correlation_per_identity():
 
     import l2i
     torch.manual_seed(0)
-    ae = AutoencoderKL(VAEConfig(resolution=32, base_channels=8, norm_groups=4)).freeze()
-    clips = [data.make_clip(0, k, "test", size=64, seconds=0.6) for k in (0, 1)]
-    frames = l2i.L2IFrames(clips, size=32, tau_min=3, tau_max=3, train=False)
+    ae = AutoencoderKL(VAEConfig(resolution=32, base_channels=8, norm_groups=4)).eval().requires_grad_(False)
+    made = [synth_clips.make_clip(0, k, "test", size=64, seconds=0.6) for k in (0, 1)]
+    frames = l2i.L2IFrames(made, size=32, tau_min=3, tau_max=3, train=False)
     cfg = l2i.L2IConfig(image_size=32, latent_size=8, channels=(16, 32), attn_resolutions=(4,), conditioning="channel")
     row = evaluate.evaluate_l2i(l2i.L2I(cfg).eval(), ae, l2i.L2ILatents(frames, ae), every=3, steps=2,
                                 identities=[5, 9])

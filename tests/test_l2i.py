@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import clips
+import common
 import l2i
 import landmarks
 import vae
@@ -80,7 +81,7 @@ def test_missing_condition_and_bad_shape_raise():
         eps_of(model, torch.randn(2, 4, S, S), 10, cond)
     with pytest.raises(ValueError, match="z_t"):
         eps_of(model, torch.randn(2, 4, S, S + 1), 10, make_cond(2))
-    with pytest.raises(ValueError, match="unknown L2I preset"):
+    with pytest.raises(ValueError, match="unknown L2IConfig preset"):
         l2i.L2IConfig.preset("huge")
 
 
@@ -265,17 +266,17 @@ def test_l2i_frames_items():
         assert (item["mask"][:, inside] == -1).all()  # black box
         torch.testing.assert_close(item["mask"][:, ~inside], item["target"][:, ~inside])
         clip_data = ds.clips[item["clip"]]
-        torch.testing.assert_close(item["lmk"], l2i.to_tensor_image(clip_data["lmk_images"][item["frame"]]))
-        torch.testing.assert_close(item["ref"], l2i.to_tensor_image(clip_data["frames"][item["ref_frame"]]))
+        torch.testing.assert_close(item["lmk"], common.to_tensor_image(clip_data["lmk_images"][item["frame"]]))
+        torch.testing.assert_close(item["ref"], common.to_tensor_image(clip_data["frames"][item["ref_frame"]]))
     P_canon, _ = landmarks.canonicalize(clip["landmarks"][3])
-    torch.testing.assert_close(ds[3]["lmk"], l2i.to_tensor_image(l2i.landmark_image(P_canon, 32)))
+    torch.testing.assert_close(ds[3]["lmk"], common.to_tensor_image(l2i.landmark_image(P_canon, 32)))
     assert (ds[3]["lmk"] < 1).any()  # something was drawn on the white canvas
 
 
 def test_l2i_frames_from_video_scales_landmarks(tmp_path):
     clip = synthetic_clip(T=4, hw=(64, 64))
     video = str(tmp_path / "clip.mp4")
-    data.write_mp4(video, clip["frames"])
+    clips.write_mp4(video, clip["frames"])
     from_video = l2i.L2IFrames([{"video": video, "landmarks": clip["landmarks"], "frame_size": 64}], 32, 1, 1,
                                train=False)
     from_array = l2i.L2IFrames([clip], 32, 1, 1, train=False)
@@ -288,14 +289,14 @@ def test_l2i_frames_eval_is_deterministic_and_checks_input():
     ds = l2i.L2IFrames([synthetic_clip()], size=32, tau_min=1, tau_max=3, train=False)
     assert [ds[i]["ref_frame"] for i in range(6)] == [3, 4, 5, 0, 1, 2]
     bad = synthetic_clip()
-    bad["landmarks"] = bad["landmarks"][:-1]
+    bad["landmarks"] = bad["landmarks"][:-3]  # a frame or two may differ (decoders), three may not
     with pytest.raises(ValueError, match="landmarks"):
         l2i.L2IFrames([bad], size=32, tau_min=1, tau_max=2)
 
 
 def test_l2i_latents_match_encoding_the_images():
     torch.manual_seed(0)
-    ae = vae.AutoencoderKL(vae.VAEConfig(resolution=32, base_channels=16, norm_groups=8)).freeze()
+    ae = vae.AutoencoderKL(vae.VAEConfig(resolution=32, base_channels=16, norm_groups=8)).eval().requires_grad_(False)
     frames = l2i.L2IFrames([synthetic_clip(T=5)], size=32, tau_min=2, tau_max=2, train=False)
     cached = l2i.L2ILatents(frames, ae, batch_size=2)
     assert len(cached) == 5
@@ -318,13 +319,13 @@ def test_condition_images_match_training_items():
     clip = synthetic_clip(T=5, hw=(32, 32))
     ds = l2i.L2IFrames([clip], size=32, tau_min=3, tau_max=3, train=False)
     P_canon, _ = landmarks.canonicalize(clip["landmarks"])
-    cond = l2i.condition_images(clip["frames"], clip["landmarks"], P_canon, clip["frames"][0], P_canon[0],
-                                mask_expand=0.15)
+    boxes = [landmarks.mouth_box(p, (32, 32), 0.15) for p in clip["landmarks"]]
+    cond = {**l2i.condition_images(clip["frames"], boxes, P_canon), **l2i.reference_images(clip["frames"][0], P_canon[0])}
     assert cond["mask"].shape == (5, 3, 32, 32) and cond["ref"].shape == (1, 3, 32, 32)
     item = ds[3]  # reference = frame 0
-    for k in l2i.COND_KEYS + ("mouth",):
+    for k in l2i.COND_KEYS:
         torch.testing.assert_close(cond[k][0 if k.startswith("ref") else 3], item[k], msg=k)
-    ae = vae.AutoencoderKL(vae.VAEConfig(resolution=32, base_channels=16, norm_groups=8)).freeze()
+    ae = vae.AutoencoderKL(vae.VAEConfig(resolution=32, base_channels=16, norm_groups=8)).eval().requires_grad_(False)
     latents = l2i.encode_conditions(ae, cond, batch_size=2)
     assert set(latents) == set(l2i.COND_KEYS)
     assert latents["lmk"].shape == (5, 4, 8, 8) and latents["ref"].shape == (1, 4, 8, 8)
@@ -350,15 +351,15 @@ def test_paste_back_keeps_outside_pixels():
 
 def test_image_tensor_round_trip():
     img = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    x = l2i.to_tensor_image(img)
+    x = common.to_tensor_image(img)
     assert x.shape == (2, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
-    np.testing.assert_array_equal(l2i.to_uint8_image(x), img)
+    np.testing.assert_array_equal(common.to_uint8_image(x), img)
 
 
 def test_l2i_frames_face_crops_from_arrays_and_video(tmp_path):
     clip = synthetic_clip(T=4, hw=(128, 128))
     video = str(tmp_path / "clip.mp4")
-    data.write_mp4(video, clip["frames"])
+    clips.write_mp4(video, clip["frames"])
     kw = dict(size=32, tau_min=1, tau_max=1, train=False, face_iod=0.4)
     from_array = l2i.L2IFrames([clip], **kw)
     from_video = l2i.L2IFrames([{"video": video, "landmarks": clip["landmarks"], "frame_size": 128}], **kw)

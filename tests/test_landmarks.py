@@ -5,7 +5,7 @@ import skimage.data
 from scipy.spatial.transform import Rotation
 
 import landmarks as L
-from dreamhead import UsageError
+from common import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,9 @@ def random_similarity(rng, max_deg=30.0):
     return R, rng.uniform(20.0, 200.0), rng.uniform(-300.0, 300.0, 3)
 
 
+NOSE_TIP, CHIN = 4, 152  # the most forward nose point and the chin of the FaceMesh
+LEFT_EYE, RIGHT_EYE = np.unique(L.LEFT_EYE_EDGES), np.unique(L.RIGHT_EYE_EDGES)
+
 # ---------------------------------------------------------------- topology and template
 
 
@@ -31,10 +34,19 @@ def test_index_sets_match_mediapipe_topology():
     assert len(L.LIPS_OUTER) == len(L.LIPS_INNER) == 20
     assert set(L.LIPS_OUTER) | set(L.LIPS_INNER) == set(L.LIPS)
     assert {0, 17, 61, 291} <= set(L.LIPS_OUTER) and {13, 14, 78, 308} <= set(L.LIPS_INNER)
-    assert L.LEFT_IRIS[0] == 473 and L.RIGHT_IRIS[0] == 468
-    assert set(L.LEFT_IRIS) | set(L.RIGHT_IRIS) == set(range(468, 478))
+    irises = set(np.unique(L.LEFT_IRIS_EDGES)) | set(np.unique(L.RIGHT_IRIS_EDGES)) | {468, 473}  # + the centres
+    assert irises == set(range(468, 478))
     assert L.TESSELLATION_EDGES.max() < 468 and L.TESSELLATION_EDGES.shape[1] == 2
     assert len(L.FACE_OVAL) == 36
+
+
+def mirror_pairs(template: np.ndarray) -> np.ndarray:
+    """mirror[i] = the template point nearest to the reflection x -> -x of point i."""
+    from scipy.spatial import cKDTree
+    return cKDTree(template).query(template * [-1.0, 1.0, 1.0])[1].astype(np.int64)
+
+
+MIRROR = mirror_pairs(L.CANONICAL_TEMPLATE)
 
 
 def test_template_is_frontal_symmetric_and_normalised():
@@ -42,17 +54,17 @@ def test_template_is_frontal_symmetric_and_normalised():
     assert T.shape == (478, 3) and L.CANONICAL_TEMPLATE.dtype == np.float32
     assert L.inter_ocular(T) == pytest.approx(1.0, abs=1e-5)
     assert np.allclose(T[L.RIGID].mean(axis=0), 0.0, atol=1e-5)
-    mirrored = T[L.MIRROR] * [-1, 1, 1]
+    mirrored = T[MIRROR] * [-1, 1, 1]
     assert np.abs(mirrored - T).max() < 1e-5  # mirror-symmetric about x = 0
-    assert np.array_equal(L.MIRROR[L.MIRROR], np.arange(478))  # an involution
-    assert L.MIRROR[33] == 263 and L.MIRROR[468] == 473 and L.MIRROR[61] == 291 and L.MIRROR[13] == 13
-    assert sorted(L.MIRROR[L.RIGID]) == sorted(L.RIGID)
+    assert np.array_equal(MIRROR[MIRROR], np.arange(478))  # an involution
+    assert MIRROR[33] == 263 and MIRROR[468] == 473 and MIRROR[61] == 291 and MIRROR[13] == 13
+    assert sorted(MIRROR[L.RIGID]) == sorted(L.RIGID)
     # upright and facing the camera: eyes above nose tip above mouth above chin, nose tip closest
-    assert T[33, 1] < T[L.NOSE_TIP, 1] < T[13, 1] < T[L.CHIN, 1]
-    assert T[L.NOSE_TIP, 2] == T[:468, 2].min()
+    assert T[33, 1] < T[NOSE_TIP, 1] < T[13, 1] < T[CHIN, 1]
+    assert T[NOSE_TIP, 2] == T[:468, 2].min()
     # the mirror pairing maps almost every mesh edge onto a mesh edge
     edges = {tuple(e) for e in L.TESSELLATION_EDGES.tolist()}
-    mapped = {tuple(sorted(e)) for e in L.MIRROR[L.TESSELLATION_EDGES].tolist()}
+    mapped = {tuple(sorted(e)) for e in MIRROR[L.TESSELLATION_EDGES].tolist()}
     assert len(edges & mapped) > 0.98 * len(edges)
 
 
@@ -63,7 +75,7 @@ def test_detect_astronaut(astronaut, astronaut_points):
     P = astronaut_points
     assert P.shape == (478, 3) and P.dtype == np.float32
     assert (P[:, 0] >= 0).all() and (P[:, 0] < 512).all() and (P[:, 1] >= 0).all() and (P[:, 1] < 512).all()
-    assert P[L.LIPS, 1].min() > max(P[L.LEFT_EYE, 1].max(), P[L.RIGHT_EYE, 1].max())
+    assert P[L.LIPS, 1].min() > max(P[LEFT_EYE, 1].max(), P[RIGHT_EYE, 1].max())
     assert 40 < L.inter_ocular(P) < 100  # her eyes are ~60 px apart in this photo
     assert P[263, 0] > P[33, 0]  # MediaPipe "left" = subject's left = image right
 
@@ -107,7 +119,7 @@ def test_detect_video_tracks_and_fills_gaps(astronaut):
     frames[2] = np.full_like(crop, 128)  # one frame without a face
     P, found = L.detect_video(np.stack(frames), max_gap=1)
     assert P.shape == (6, 478, 3) and P.dtype == np.float32 and found.all()
-    nose_x = P[:, L.NOSE_TIP, 0]
+    nose_x = P[:, NOSE_TIP, 0]
     assert np.all(np.diff(nose_x[[0, 1, 3, 4, 5]]) > 0.5)  # follows the 2 px/frame shift
     assert nose_x[2] == pytest.approx((nose_x[1] + nose_x[3]) / 2, abs=1e-3)  # interpolated
     with pytest.raises(UsageError, match="no face found in any"):
@@ -196,7 +208,7 @@ def test_measures_on_constructed_inputs():
     Q = P.copy()
     Q[:, L.LIPS, 2] += 2.0
     assert np.allclose(L.lip_lmd(P, Q), [2, 2])
-    Q[:, L.NOSE_TIP, 0] += 1.0  # not a lip point
+    Q[:, NOSE_TIP, 0] += 1.0  # not a lip point
     assert np.allclose(L.lip_lmd(P, Q), [2, 2])
     seq = np.zeros((5, 478, 3))
     seq[:, :, 0] = np.array([0, 1, 2, 3, 4])[:, None]  # constant velocity: no jitter
@@ -233,8 +245,8 @@ def test_mouth_box_and_mask(astronaut, astronaut_points):
     lips = P[L.LIPS, :2]
     assert (lips[:, 0] >= x0).all() and (lips[:, 0] < x1).all()
     assert (lips[:, 1] >= y0).all() and (lips[:, 1] < y1).all()
-    assert y0 > P[L.NOSE_TIP, 1] and y1 > P[L.CHIN, 1]
-    assert y0 > P[L.LEFT_EYE, 1].max()
+    assert y0 > P[NOSE_TIP, 1] and y1 > P[CHIN, 1]
+    assert y0 > P[LEFT_EYE, 1].max()
     masked = L.apply_mouth_mask(astronaut, (x0, y0, x1, y1))
     assert (masked[y0:y1, x0:x1] == 0).all() and np.array_equal(masked[:y0], astronaut[:y0])
     mask = L.mouth_mask(P, astronaut.shape[:2])
@@ -246,28 +258,6 @@ def test_mouth_box_and_mask(astronaut, astronaut_points):
     assert 0.1 < soft[y0, (x0 + x1) // 2] < 0.9  # soft edge
     edge = L.mouth_box(P + np.array([400, 0, 0], np.float32), (512, 512))
     assert edge[2] == 512  # clipped to the image
-
-
-# ---------------------------------------------------------------- regeneration and command line
-
-
-def test_template_regenerates_from_the_sample_photos():
-    assert np.abs(L.make_canonical_template() - L.CANONICAL_TEMPLATE).max() < 1e-3
-
-
-def test_cli_detect(tmp_path, astronaut, capsys):
-    import cv2
-
-    photo, out = tmp_path / "face.png", tmp_path / "panel.png"
-    cv2.imwrite(str(photo), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
-    assert L.main(["detect", str(photo), "--out", str(out), "--size", "128"]) == 0
-    panel = cv2.imread(str(out))
-    assert panel.shape == (512, 3 * 512, 3)
-    assert "inter-ocular" in capsys.readouterr().out
-    cv2.imwrite(str(photo), np.full((64, 64, 3), 90, np.uint8))
-    assert L.main(["detect", str(photo)]) == 2
-    assert "no face found" in capsys.readouterr().err
-    assert L.main(["detect", str(tmp_path / "missing.png")]) == 2
 
 
 # ---------------------------------------------------------------- face crops

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import data
+import clips
 import landmarks
+import synth_clips
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     for split in ("train", "test"):
         (root / split).mkdir()
-        data.write_clip(str(root / split / "clip_0000"), data.make_clip(0, 0, split, size=128, seconds=1.3))
+        clips.save_clip(str(root / split / "clip_0000"), synth_clips.make_clip(0, 0, split, size=128, seconds=1.3))
     a2l = _train(root, "--stage", "a2l", "--width", "32", "--pairs", "1", "--heads", "2", "--window", "8",
                  "--overlap", "2", "--batch-size", "2", "--steps", "2", "--sample-steps", "2", "--out", str(root / "a2l"))
     vae = _train(root, "--stage", "vae", "--resolution", "32", "--base-channels", "8", "--norm-groups", "4",
@@ -42,13 +43,13 @@ def inputs(tmp_path_factory):
     vae16 = _train(root, "--stage", "vae", "--resolution", "16", "--base-channels", "8", "--norm-groups", "4",
                    "--extra-identities", "0", "--natural-mix", "0", "--batch-size", "2", "--steps", "1",
                    "--out", str(root / "vae16"))
-    clip = data.load_clip(str(root / "test" / "clip_0000.npz"))
+    clip = clips.load_clip(str(root / "test" / "clip_0000.npz"))
     audio = clip["audio"].astype(np.float32) / 32768
     from scipy.signal import resample_poly
     sf.write(root / "speech.wav", resample_poly(np.stack([audio, audio], 1), 441, 160, axis=0), 44100)
-    frames = data.read_frames(str(root / "test" / "clip_0000.mp4"))
+    frames = clips.read_frames(str(root / "test" / "clip_0000.mp4"))
     cv2.imwrite(str(root / "face.png"), frames[0][..., ::-1])
-    data.write_mp4(str(root / "face.mp4"), frames[:25])
+    clips.write_mp4(str(root / "face.mp4"), frames[:25])
     return {"root": root, "a2l": a2l, "vae": vae, "l2i": l2i, "vae16": vae16, "wav": str(root / "speech.wav"),
             "face": str(root / "face.png"), "video": str(root / "face.mp4"), "seconds": len(audio) / 16000,
             "truth": clip["landmarks"]}
@@ -63,7 +64,7 @@ def run(inputs, audio, face, out, *extra, ckpts=None):
 
 def probe(path):
     """(video codec, audio codec, duration s) from ffmpeg's banner."""
-    text = subprocess.run([data.ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+    text = subprocess.run([clips.ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True).stderr
     h, m, s = re.search(r"Duration: (\d+):(\d+):([\d.]+)", text).groups()
     video, audio = re.search(r"Video: (\w+)", text), re.search(r"Audio: (\w+)", text)
     return video and video.group(1), audio and audio.group(1), int(h) * 3600 + int(m) * 60 + float(s)
@@ -76,7 +77,7 @@ def test_photo_gives_h264_aac_mp4_with_every_frame_and_the_same_video_for_the_sa
     vcodec, acodec, duration = probe(out)
     expected = math.ceil(inputs["seconds"] * 25)
     assert (vcodec, acodec) == ("h264", "aac") and abs(duration - inputs["seconds"]) <= 1 / 25 + 0.03
-    frames = data.read_frames(out)
+    frames = clips.read_frames(out)
     assert frames.shape == (expected, 128, 128, 3)
     P = np.load(lm)
     assert P.shape == (expected, 478, 3) and np.isfinite(P).all()
@@ -86,7 +87,7 @@ def test_photo_gives_h264_aac_mp4_with_every_frame_and_the_same_video_for_the_sa
     np.testing.assert_array_equal(np.load(lm2), P)
     # the same frames up to float rounding: on one thread oneDNN may pick other kernels for another batch size and
     # H.264 spreads the last bit (mean |difference| 0.07 here; another seed gives 5.4)
-    assert np.abs(data.read_frames(again).astype(int) - frames).mean() < 0.5
+    assert np.abs(clips.read_frames(again).astype(int) - frames).mean() < 0.5
     # outside the feathered mouth region every pixel is the photo's (up to H.264)
     face = cv2.imread(inputs["face"])[..., ::-1].astype(int)
     assert np.abs(frames[:, :30].astype(int) - face[None, :30]).mean() < 3
@@ -105,7 +106,7 @@ def test_grayscale_or_rgba_photos_of_any_aspect_ratio_work(inputs, tmp_path, kin
     out = str(tmp_path / "out.mp4")
     proc = run(inputs, inputs["wav"], path, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert data.read_frames(out).shape[1:] == (128, 204, 3)  # even sizes for yuv420p (rounded)
+    assert clips.read_frames(out).shape[1:] == (128, 204, 3)  # even sizes for yuv420p (rounded)
 
 
 def test_driving_video_is_looped_to_the_audio_and_debug_shows_three_panels(inputs, tmp_path):
@@ -113,9 +114,9 @@ def test_driving_video_is_looped_to_the_audio_and_debug_shows_three_panels(input
     proc = run(inputs, inputs["wav"], inputs["video"], out, "--debug", "--strip", strip)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert cv2.imread(strip).shape == (2 * 128, 4 * 3 * 128, 3)
-    frames = data.read_frames(out)
+    frames = clips.read_frames(out)
     assert frames.shape == (math.ceil(inputs["seconds"] * 25), 128, 3 * 128, 3)  # 25 video frames, more out
-    video = data.read_frames(inputs["video"])
+    video = clips.read_frames(inputs["video"])
     # the input panel follows the video back and forth: frame 26 shows video frame 22
     assert np.abs(frames[26, :, :128].astype(int) - video[22]).mean() < 3
 
@@ -125,11 +126,11 @@ def test_given_landmarks_drive_l2i_and_must_cover_the_audio(inputs, tmp_path):
     np.save(lm, inputs["truth"].astype(np.float32))
     out = str(tmp_path / "gt.mp4")
     assert run(inputs, inputs["wav"], inputs["face"], out, "--landmarks", lm).returncode == 0
-    assert len(data.read_frames(out)) == math.ceil(inputs["seconds"] * 25)
+    assert len(clips.read_frames(out)) == math.ceil(inputs["seconds"] * 25)
     np.save(lm, inputs["truth"][:10].astype(np.float32))
     proc = run(inputs, inputs["wav"], inputs["face"], str(tmp_path / "short.mp4"), "--landmarks", lm)
     needs = math.ceil(inputs["seconds"] * 25)
-    assert proc.returncode == 2 and f"has 10 frames but the audio needs {needs}" in proc.stderr
+    assert proc.returncode == 2 and f"have 10 frames but the audio needs {needs}" in proc.stderr
     assert not os.path.exists(tmp_path / "short.mp4")
 
 
@@ -204,4 +205,4 @@ def test_silent_audio_is_valid_and_gives_a_closed_mouth(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     P = np.load(lm)
     opening = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
-    assert len(data.read_frames(out)) == 38 and opening.max() < 0.05, opening.max()
+    assert len(clips.read_frames(out)) == 38 and opening.max() < 0.05, opening.max()

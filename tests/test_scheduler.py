@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamhead import NoiseScheduler, cfg_combine, drop_condition_mask
+from diffusion import NoiseScheduler, cfg_combine, drop_condition_mask
 
 SCHEDULES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 0.02)}
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -205,7 +205,7 @@ class TinyDenoiser(torch.nn.Module):
                                        torch.nn.Linear(width, 2))
 
     def forward(self, x, t):
-        from dreamhead import timestep_embedding
+        from diffusion import timestep_embedding
         return self.net(torch.cat([x, timestep_embedding(t * (1000 / self.T), 32)], dim=-1))
 
 

@@ -1,0 +1,262 @@
+"""The clip format every stage trains on, and video / audio file I/O through the ffmpeg of imageio-ffmpeg.
+
+Not a box of the paper's figure: the paper trains on tracked talking-head videos (HDTF, MEAD); this is how a
+video becomes training data here, whatever its source (our synthetic generator, or any ordinary video whose
+frames, sound and MediaPipe landmarks were extracted).
+
+A clip is `NAME.npz` with the frames in a video beside it (`NAME.mp4`, or the file its `video` key names):
+
+    required  landmarks    (T, 478, 3) float, MediaPipe points in pixels of the frames (z scaled like x)
+              fps          frames per second of the landmarks and the video
+              audio        (S,) or (S, C) int16 or float samples ... or audio_path: a sound file beside the npz
+              sample_rate  Hz of `audio`
+              frame_size   (H, W) of the frames the landmarks are measured in (a single int: square frames)
+              identity     who is speaking (a string; clips of one identity share their mean mesh P̄)
+    optional  anything else, e.g. the synthetic generator's text, phonemes (P, 2) and phoneme_ipa (P,)
+
+`load_clip` is the one loader of every stage; `save_clip` writes one (the video with its sound track first,
+then the npz, each atomically). `clip_frames` decodes the frames of many clips once into a cached array.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import subprocess
+import zipfile
+
+import cv2
+import imageio_ffmpeg
+import numpy as np
+import soundfile
+
+import landmarks
+from common import UsageError, atomic_write, temp_beside
+
+FPS = 25
+SAMPLE_RATE = 16000
+MAX_FRAME_MISMATCH = 2  # frames a decoded video may differ from its landmarks (container rounding)
+REQUIRED_FIELDS = ("landmarks", "fps", "audio", "sample_rate", "frame_size", "identity")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The clip format
+# ------------------------------------------------------------------------------------------------------------
+
+def clip_paths(folder: str) -> list[str]:
+    """The clips (npz files) of a folder, sorted; UsageError when there is none."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
+    if not paths:
+        raise UsageError(f"no clips (*.npz with their video beside) in {folder}; make some with "
+                         "`python data.py synth` or write them with clips.save_clip")
+    return paths
+
+
+def load_clip(npz_path: str) -> dict:
+    """A clip as a dict with checked, normalised fields: landmarks float32 (T, 478, 3), fps float, audio
+    (S,) or (S, C) samples, sample_rate int, frame_size (H, W) ints, identity str, video (the frames' path);
+    optional extras pass through (strings and string lists come back as str / list of str)."""
+    if not os.path.isfile(npz_path):
+        raise UsageError(f"no clip at {npz_path}; generate data with `python data.py synth` or give a clip folder")
+    try:
+        with np.load(npz_path, allow_pickle=False) as z:
+            clip = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UsageError(f"cannot read clip {npz_path} ({type(err).__name__}); rewrite it") from None
+    folder = os.path.dirname(os.path.abspath(npz_path))
+    if "audio" not in clip and "audio_path" in clip:
+        clip["audio"], clip["sample_rate"] = _read_sound(os.path.join(folder, str(clip["audio_path"])), npz_path)
+    missing = [k for k in REQUIRED_FIELDS if k not in clip]
+    if missing:
+        raise UsageError(f"{npz_path} lacks {', '.join(missing)}; a clip needs {', '.join(REQUIRED_FIELDS)} "
+                         "(audio may be an audio_path instead)")
+    clip["video"] = os.path.join(folder, str(clip["video"])) if "video" in clip else npz_path[:-4] + ".mp4"
+    return _normalise(clip, npz_path)
+
+
+def _read_sound(path: str, clip: str):
+    try:
+        audio, rate = soundfile.read(path, dtype="float32", always_2d=False)
+    except Exception as err:  # soundfile raises several types for missing / foreign files
+        raise UsageError(f"{clip}: cannot read its audio_path {path} ({type(err).__name__})") from None
+    return audio, rate
+
+
+def _normalise(clip: dict, name: str) -> dict:
+    P = np.asarray(clip["landmarks"], np.float32)
+    if P.ndim != 3 or P.shape[1:] != (landmarks.NUM_LANDMARKS, 3) or len(P) == 0 or not np.isfinite(P).all():
+        raise UsageError(f"{name}: landmarks must be a finite (T, {landmarks.NUM_LANDMARKS}, 3) array, got "
+                         f"{P.shape}")
+    size = np.asarray(clip["frame_size"]).reshape(-1)
+    if size.size not in (1, 2) or (size <= 0).any():
+        raise UsageError(f"{name}: frame_size must be (H, W) or one side, got {clip['frame_size']}")
+    audio = np.asarray(clip["audio"])
+    if audio.ndim not in (1, 2) or audio.size == 0:
+        raise UsageError(f"{name}: audio must be (S,) or (S, channels) samples, got {audio.shape}")
+    out = {**clip, "landmarks": P, "fps": float(clip["fps"]), "sample_rate": int(clip["sample_rate"]),
+           "frame_size": (int(size[0]), int(size[-1])), "identity": str(clip["identity"]), "audio": audio}
+    for key, value in clip.items():  # extras: numpy strings back to Python strings
+        if key not in REQUIRED_FIELDS and isinstance(value, np.ndarray) and value.dtype.kind == "U":
+            out[key] = str(value) if value.ndim == 0 else [str(s) for s in value]
+    return out
+
+
+def save_clip(stem: str, clip: dict) -> None:
+    """Write stem.mp4 (clip["frames"] uint8 (T, H, W, 3) with the audio as its sound track) and stem.npz (every
+    other field), each atomically. Without "frames" only the npz is written (its video must exist)."""
+    missing = [k for k in REQUIRED_FIELDS if k not in clip]
+    if missing:
+        raise ValueError(f"a clip needs {', '.join(REQUIRED_FIELDS)}; missing {', '.join(missing)}")
+    if "frames" in clip:
+        audio = np.asarray(clip["audio"])
+        if audio.dtype != np.int16:  # float samples in [-1, 1]
+            audio = np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
+        write_mp4(stem + ".mp4", clip["frames"], audio, clip["sample_rate"], clip["fps"])
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in clip.items() if k != "frames"})
+
+    atomic_write(stem + ".npz", write)
+
+
+def clip_frames(paths: list[str], size: int, cache: str, face_iod: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """All frames of the clips at size x size, uint8 (N, size, size, 3), and their landmarks in those pixels
+    (N, 478, 3); decoded once and cached as .npy (memory-mapped on later runs). face_iod 0 resizes whole frames;
+    face_iod > 0 cuts face crops with that inter-ocular fraction out of the full-resolution frames
+    (landmarks.crop_clip_faces, as VAEConfig.face_iod and L2IConfig.face_iod ask)."""
+    framing = [face_iod] if face_iod else []  # the rendered framing keeps its cache keys
+    key = hashlib.sha1(json.dumps([os.path.abspath(p) for p in paths] + [size] + framing).encode()).hexdigest()[:12]
+    f_path, l_path = (os.path.join(cache, "frames", f"{key}_{n}.npy") for n in ("frames", "landmarks"))
+    if not (os.path.exists(f_path) and os.path.exists(l_path)):
+        frames, lmks = [], []
+        for p in paths:
+            clip = load_clip(p)
+            video, P = decoded_clip(clip, size, face_iod)
+            frames.append(video)
+            lmks.append(P)
+        atomic_write(f_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(frames)))
+        atomic_write(l_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(lmks).astype(np.float32)))
+    return np.load(f_path, mmap_mode="r"), np.load(l_path)
+
+
+def decoded_clip(clip: dict, size: int, face_iod: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 (T, size, size, 3), landmarks (T, 478, 3) in their pixels) of one loaded clip: the frames
+    resized whole (face_iod 0; each axis scaled on its own) or face crops (face_iod > 0); clip["frames"] is used
+    when present, else its video is decoded. T = the shorter of the video and the landmarks (decoders may round
+    a container's length by a frame or two; a larger difference is an error)."""
+    if "frames" in clip:
+        video = np.asarray(clip["frames"])
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 (T, H, W, 3), got {video.dtype} {video.shape}")
+        if not face_iod and video.shape[1:3] != (size, size):
+            video = np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in video])
+    else:
+        video = read_frames(clip["video"], None if face_iod else size)  # (T, h, w, 3)
+    size_hw = clip["frame_size"] if "frame_size" in clip else np.shape(clip["frames"])[1:3]  # given frames: theirs
+    H, W = np.resize(np.asarray(size_hw), 2)  # (H, W); one int for square frames
+    T = min(len(video), len(clip["landmarks"]))
+    if max(len(video), len(clip["landmarks"])) - T > MAX_FRAME_MISMATCH:
+        raise ValueError(f"the video has {len(video)} frames but the landmarks {len(clip['landmarks'])}; "
+                         "give one landmark set per frame")
+    h, w = video.shape[1:3]
+    P = np.asarray(clip["landmarks"][:T], np.float32) * np.array([w / W, h / H, w / W], np.float32)  # px of `video`
+    if face_iod:
+        return landmarks.crop_clip_faces(video[:T], P, size, face_iod)
+    return video[:T], P
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Video and audio files through ffmpeg
+# ------------------------------------------------------------------------------------------------------------
+
+def ffmpeg_exe() -> str:
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def video_size(path: str) -> tuple[int, int]:
+    """(width, height) of a video's first stream, through ffmpeg; UsageError when it is missing or unreadable."""
+    if not os.path.exists(path):
+        raise UsageError(f"no video at {path}; check the path")
+    probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True)
+    match = re.search(r"Video:.*?(\d{2,5})x(\d{2,5})", probe.stderr)
+    if match is None:
+        raise UsageError(f"{path} has no readable video stream; re-encode it as H.264 mp4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def read_frames(path: str, size=None, fps=None) -> np.ndarray:
+    """Decode a video into uint8 (T, H, W, 3) RGB through ffmpeg: size resizes to size x size (an int) or
+    to (W, H) (a pair) with area averaging; fps resamples the frame rate (frames dropped or repeated, as
+    ffmpeg's fps filter)."""
+    w, h = video_size(path) if not size else (size, size) if np.isscalar(size) else size
+    filters = ([f"fps={fps}"] if fps else []) + ([f"scale={w}:{h}:flags=area"] if size else [])
+    cmd = [ffmpeg_exe(), "-loglevel", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24"]
+    cmd += ["-vf", ",".join(filters)] if filters else []
+    proc = subprocess.run(cmd + ["-"], capture_output=True)
+    if proc.returncode != 0:
+        raise UsageError(f"cannot decode {path}: {proc.stderr.decode(errors='replace')[-200:]}")
+    return np.frombuffer(proc.stdout, np.uint8).reshape(-1, h, w, 3)  # (T, H, W, 3)
+
+
+class Mp4Writer:
+    """Stream RGB frames into an H.264 (+ AAC) mp4 through ffmpeg, so memory does not grow with the video's
+    length. Written to a temporary file beside `path` and renamed into place on a clean exit; on an exception
+    the temporary file is removed and nothing is left at `path`.
+
+        with Mp4Writer("out.mp4", (h, w), audio_int16) as video:
+            video.write(frames)  # (n, h, w, 3) uint8, any number of times
+    """
+
+    def __init__(self, path, size_hw, audio=None, sample_rate=SAMPLE_RATE, fps=FPS, crf=18):
+        self.path, self.size_hw, self.audio = os.fspath(path), tuple(int(v) for v in size_hw), audio
+        self.sample_rate, self.fps, self.crf = sample_rate, fps, crf
+        self.frames = 0
+
+    def __enter__(self):
+        h, w = self.size_hw
+        self._tmp = temp_beside(self.path, suffix=".mp4")
+        self._wav = None
+        cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{w}x{h}", "-r", f"{self.fps:g}", "-i", "-"]
+        if self.audio is not None:
+            self._wav = self._tmp[:-4] + ".wav"
+            soundfile.write(self._wav, np.asarray(self.audio, np.int16), self.sample_rate, subtype="PCM_16")
+            cmd += ["-i", self._wav, "-c:a", "aac", "-b:a", "64k"]
+        cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", str(self.crf), "-pix_fmt", "yuv420p",
+                "-threads", "1", "-movflags", "+faststart", "-f", "mp4", self._tmp]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        return self
+
+    def write(self, frames):
+        frames = np.ascontiguousarray(frames, np.uint8)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.shape[1:] != (*self.size_hw, 3):
+            raise ValueError(f"frames must be (n, {self.size_hw[0]}, {self.size_hw[1]}, 3), got {frames.shape}")
+        self._proc.stdin.write(frames.tobytes())
+        self.frames += len(frames)
+
+    def __exit__(self, exc_type, exc, tb):
+        self._proc.stdin.close()
+        err = self._proc.stderr.read().decode(errors="replace")
+        code = self._proc.wait()
+        if self._wav:
+            os.unlink(self._wav)
+        if exc_type is None and code == 0 and self.frames > 0:
+            os.chmod(self._tmp, 0o644)
+            os.replace(self._tmp, self.path)
+            return False
+        os.unlink(self._tmp)
+        if exc_type is None:
+            raise RuntimeError(f"ffmpeg failed on {self.path} after {self.frames} frames: {err[-500:]}")
+        return False
+
+
+def write_mp4(path, frames, audio=None, sample_rate=SAMPLE_RATE, fps=FPS, crf=18):
+    """H.264 (+ AAC when int16 audio is given) mp4 of all frames (T, H, W, 3) at once, atomically."""
+    frames = np.asarray(frames, np.uint8)
+    with Mp4Writer(path, frames.shape[1:3], audio, sample_rate, fps, crf) as video:
+        video.write(frames)

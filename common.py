@@ -1,0 +1,283 @@
+"""Run utilities every part of DreamHead shares (ground floor: imports nothing of ours).
+
+Not a box of the paper's figure: this is the machinery around it.
+
+* Errors: `UsageError` (bad user input) and `run_cli`, which turns it into one line on stderr and exit code 2.
+* Files and images: `atomic_write` (a temporary file beside the target, renamed into place, so a crash never
+  leaves a truncated output), `check_writable`, `save_png`, and the uint8 <-> [-1, 1] tensor conversions
+  `to_tensor_image` / `to_uint8_image`.
+* Configs: `option` (a dataclass field with its `--help` sentence), `Config` (named presets and dict round
+  trips shared by `VAEConfig`, `A2LConfig` and `L2IConfig`) and `TrainConfig`, the one block of training
+  settings every stage config carries (`config.train`), so every checkpoint records how it was trained.
+* Checkpoints: one dict `{stage, version, config, model, ema, optimizer, step, extra, history}`
+  (`save_checkpoint`, `load_checkpoint`, which checks the version and upgrades older layouts), `weights_sha1`
+  (a fingerprint of a model's weights, how an L2I checkpoint names the VAE it was trained on).
+* Training: `EMA` of the weights, the learning-rate schedule `lr_at`, and `pick_device`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import tempfile
+from typing import ClassVar
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+
+CHECKPOINT_VERSION = 2  # 1: training settings flat in the config, no record of the VAE under an L2I model
+
+
+class UsageError(Exception):
+    """Bad user input: the CLI prints the message as one line and exits with code 2 (see `run_cli`)."""
+
+
+def run_cli(main) -> None:
+    """Run a CLI entry point; a UsageError becomes one line on stderr and exit code 2 (no traceback), Ctrl-C
+    outside a training loop (which saves a checkpoint itself) one line and exit code 130."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------
+
+def temp_beside(path: str, suffix: str = ".tmp") -> str:
+    """Create an empty temporary file in path's folder (made if missing) and return its name; UsageError when
+    the folder cannot be written, so a bad output path fails before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}; choose a writable output path") from None
+    os.close(fd)
+    return tmp
+
+
+def check_writable(path: str) -> None:
+    """UsageError now (not after minutes of work) when `path` cannot be written."""
+    if os.path.isdir(path):
+        raise UsageError(f"output {path} is a folder; give a file name")
+    os.remove(temp_beside(path))
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Call write_fn(tmp_path) on a temporary file beside `path`, then rename it into place.
+
+    A crash or Ctrl-C leaves either the old file or the new one, never a truncated file.
+    """
+    tmp = temp_beside(path)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the file the permissions a plain open() would
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Write an RGB uint8 image (H, W, 3) as a PNG, atomically."""
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))  # RGB -> BGR for OpenCV
+    if not ok:
+        raise ValueError(f"cannot encode an image of shape {image.shape} as PNG")
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(png.tobytes()))
+
+
+def to_tensor_image(img: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float tensor in [-1, 1], (..., 3, H, W)."""
+    x = torch.from_numpy(np.array(img, dtype=np.float32)) / 127.5 - 1.0  # np.array copies: writable
+    return x.movedim(-1, -3)  # (..., 3, H, W)
+
+
+def to_uint8_image(x: torch.Tensor) -> np.ndarray:
+    """float tensor in [-1, 1], (..., 3, H, W) -> uint8 (..., H, W, 3)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs: one dataclass per model, named presets, one shared block of training settings
+# ----------------------------------------------------------------------------------------------------------
+
+def option(default, help: str):
+    """A config field with the sentence `train.py --help` prints for its flag (a tuple default for sequences)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+class Config:
+    """Base of the config dataclasses: `preset(name)` builds the dataclass defaults overridden by
+    `PRESETS[name]` (a dict of field values; a nested dict for the `train` block), and `from_dict` / `to_dict`
+    round-trip a checkpoint's config (lists from a checkpoint come back as tuples, dicts as TrainConfig)."""
+
+    PRESETS: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, tuple) and isinstance(value, list):
+                setattr(self, f.name, tuple(value))
+            elif f.name == "train" and isinstance(value, dict):
+                self.train = TrainConfig(**value)
+
+    @classmethod
+    def preset(cls, name: str):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; valid presets: {', '.join(cls.PRESETS)}")
+        return cls.from_dict(cls.PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """Training settings shared by every stage (AdamW, warm-up + cosine decay, clipping, EMA); each stage's
+    presets set them, `train.py` turns them into flags and every checkpoint records them."""
+
+    lr: float = option(1e-4, "Peak learning rate of AdamW, reached after the warm-up.")
+    betas: tuple = option((0.9, 0.999), "AdamW's two moment decay rates, given as b1,b2.")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay.")
+    warmup: int = option(500, "Steps of linear learning-rate warm-up before the cosine decay.")
+    steps: int = option(10_000, "Optimizer steps in the whole run; the cosine decay ends here.")
+    batch_size: int = option(8, "Training samples per optimizer step on each process.")
+    ema_decay: float = option(0.999, "Decay of the exponential moving average of the weights that sampling uses.")
+    grad_clip: float = option(1.0, "Gradients are clipped to this global L2 norm before each step.")
+
+
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def train_settings():
+    """The `train` field of a stage config: its TrainConfig block (the preset fills it in)."""
+    return dataclasses.field(default_factory=TrainConfig, metadata={"help": "Training settings (TrainConfig)."})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(ckpt: dict, path: str) -> None:
+    """Write the one-dict checkpoint {stage, version, config, model, ema, optimizer, step, ...} atomically."""
+    atomic_write(path, lambda tmp: torch.save({"version": CHECKPOINT_VERSION, **ckpt}, tmp))
+
+
+def _upgrade_v1(ckpt: dict) -> dict:
+    """Version 1 kept the training settings flat in the config; move them into its `train` block, filling in
+    what train.py used for the fields a stage lacked (the VAE had no warm-up, weight decay or EMA decay fields, L2I
+    no betas)."""
+    config = dict(ckpt["config"])
+    train = {k: config.pop(k) for k in TRAIN_FIELDS if k in config}
+    used = {"warmup": min(500, train.get("steps", 0) // 20), "weight_decay": 0.0, "ema_decay": 0.999,
+            "betas": (0.9, 0.999), "grad_clip": 1.0}
+    train = {**used, **train}
+    return {**ckpt, "config": {**config, "train": train}, "version": CHECKPOINT_VERSION}
+
+
+def load_checkpoint(path: str, stage: str | None = None) -> dict:
+    """Load a checkpoint with `weights_only=True` (no code execution) and check its stage and version; bad files
+    raise UsageError. Version-1 checkpoints are upgraded in memory."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} not found; train one with `python train.py --stage {stage or '...'}` "
+                         "or pass the right path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated / corrupt / foreign files
+        raise UsageError(f"checkpoint {path} is corrupt or not a DreamHead checkpoint "
+                         f"({type(err).__name__}); re-download or retrain it") from None
+    if not isinstance(ckpt, dict) or not {"stage", "config", "model"} <= set(ckpt):
+        raise UsageError(f"{path} is not a DreamHead checkpoint (missing stage/config/model)")
+    if stage is not None and ckpt["stage"] != stage:
+        raise UsageError(f"{path} is a {ckpt['stage']!r} checkpoint, but a {stage!r} checkpoint is needed here")
+    version = ckpt.get("version", 1)
+    if version == 1:
+        ckpt = _upgrade_v1(ckpt)
+    elif version != CHECKPOINT_VERSION:
+        raise UsageError(f"{path} has checkpoint version {version!r}, this code reads versions 1 and "
+                         f"{CHECKPOINT_VERSION}; update the code or retrain")
+    return ckpt
+
+
+def weights_sha1(state_dict: dict) -> str:
+    """SHA-1 over the names, shapes and bytes of a state dict: the same weights give the same fingerprint
+    however the checkpoint around them was saved."""
+    digest = hashlib.sha1()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training helpers
+# ----------------------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of a model's parameters (shadow = d * shadow + (1 - d) * param).
+
+    The decay warms up as d_n = min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's
+    ExponentialMovingAverage with num_updates), so early averages do not keep the random initialisation.
+    Buffers (statistics such as a measured scale factor or a residual std) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, num_updates: int = 0):
+        self.decay = decay
+        self.num_updates = num_updates
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        n = self.num_updates
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for k, v in model.named_parameters():
+            self.shadow[k].lerp_(v.detach(), 1.0 - decay)
+        self.copy_buffers(model)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        for k, v in model.named_buffers():
+            if k in self.shadow:  # persistent buffers only
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return self.shadow
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = {k: v.clone() for k, v in state.items()}
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up for `warmup` steps, then cosine decay to min_ratio * base_lr at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; an unavailable CUDA request is a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)

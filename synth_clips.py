@@ -1,0 +1,124 @@
+"""Synthetic talking-head clips with known ground truth: the project's "shakespeare_char".
+
+Not part of the paper (DreamHead trains on HDTF / MEAD videos, tracked with MediaPipe); the synthetic data source
+that lets every stage be trained, tested and measured offline on CPU with exact ground truth. It joins the
+speech and motion of `synth_speech.py` to the faces and rendering of `synth_face.py` and writes clips in the
+project's clip format (`clips.py`): an mp4 (H.264 + AAC, 25 fps) and an npz with the required fields
+(landmarks (T, 478, 3) float32 px, fps, audio int16 mono 16 kHz, sample_rate, frame_size (H, W), identity)
+plus the synthetic extras text, phonemes (P, 2) float32 start/end seconds and phoneme_ipa (P,); T =
+ceil(duration * 25) with duration = len(audio) / 16000.
+
+`ensure_synthetic` generates a split into the cache on first use; `clips_or_synthetic` is what training and
+evaluation call: a clip folder when the user gives one, else the synthetic split.
+"""
+import multiprocessing
+import os
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import clips
+import landmarks
+from common import UsageError
+from synth_face import EXTRA_IDENTITIES_START, TEST_IDENTITIES, TRAIN_IDENTITIES, identity_texture, render_clip, \
+    _triangulation
+from synth_speech import FPS, SAMPLE_RATE, articulation, blink_track, pose_track, speech_clip
+
+EXAMPLE = dict(seed=0, index=16, split="test")  # the shipped example: a held-out identity (18), a held-out sentence
+
+
+def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True, face_iod=0.0):
+    """Still frames uint8 (identities * frames_per_identity, size, size, 3) of `identities` extra random
+    identities (numbers from EXTRA_IDENTITIES_START: appearance drawn like identities 0-19, never one of them),
+    with random speech mouth shapes, blinks and poses. Only the VAE trains on them: an autoencoder that sees 16
+    faces learns those faces; it has to see many to learn to compress faces it has never seen. face_iod > 0:
+    face crops with that inter-ocular fraction (landmarks.face_crop_box) instead of the rendered framing."""
+    out = []
+    for k in tqdm(range(identities), desc="VAE identities", unit="id", disable=not progress):
+        identity = EXTRA_IDENTITIES_START + seed * 100_000 + k
+        rng = np.random.default_rng([seed, identity, 2])
+        audio, phonemes, ipa, _ = speech_clip(rng, "train", 2.0, None)
+        art = articulation(phonemes, ipa, len(audio) / SAMPLE_RATE, audio)
+        pick = np.sort(rng.choice(len(art), min(frames_per_identity, len(art)), replace=False))
+        frames, P = render_clip(identity, art[pick], blink_track(rng, len(art))[pick],
+                                pose_track(rng, len(art), max_deg=(8.0, 6.0, 5.0), max_shift=0.04)[pick])
+        if face_iod:  # independent stills: each framed on its own
+            out.append(landmarks.crop_clip_faces(frames, P, size, face_iod, smooth=1)[0])
+        else:
+            out.append(np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames]))
+        identity_texture.cache_clear()
+        _triangulation.cache_clear()
+    return np.concatenate(out)
+
+
+def pick_identity(rng, split):
+    """A random identity of the split: train 0-15, test 16-19 (held out)."""
+    if split not in ("train", "test"):
+        raise UsageError(f"unknown split {split!r}; use 'train' or 'test'")
+    ids = TRAIN_IDENTITIES if split == "train" else TEST_IDENTITIES
+    return int(ids[rng.integers(len(ids))])
+
+
+def make_clip(seed, index, split="train", size=256, seconds=None, text=None):
+    """One clip in the clip format (clips.py) plus its frames, deterministic in (seed, index, split)."""
+    rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
+    identity = pick_identity(rng, split)
+    audio, phonemes, ipa, text = speech_clip(rng, split, seconds, text)
+    duration = len(audio) / SAMPLE_RATE
+    art = articulation(phonemes, ipa, duration, audio)
+    frames_n = len(art)
+    frames, meshes = render_clip(identity, art, blink_track(rng, frames_n), pose_track(rng, frames_n), size)
+    return {"frames": frames, "landmarks": meshes, "fps": FPS, "identity": str(identity), "audio": audio,
+            "sample_rate": SAMPLE_RATE, "text": text, "phonemes": phonemes, "phoneme_ipa": np.array(ipa),
+            "frame_size": (size, size)}
+
+
+def _synth_one(job):
+    cv2.setNumThreads(1)
+    out, seed, index, split, size = job
+    stem = os.path.join(out, f"clip_{index:04d}")
+    if not (os.path.exists(stem + ".npz") and os.path.exists(stem + ".mp4")):
+        clips.save_clip(stem, make_clip(seed, index, split, size))
+    return stem + ".npz"
+
+
+def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True):
+    """Generate `count` clips into `out` (existing ones are kept); returns the npz paths in order."""
+    if count < 1 or size < 64:
+        raise UsageError("need --clips >= 1 and --size >= 64")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create {out}: {err.strerror}; choose a writable --out folder") from None
+    jobs = [(out, seed, i, split, size) for i in range(count)]
+    bar = tqdm(total=count, desc=f"synth {split}", unit="clip", disable=not progress)
+    if workers <= 1:
+        paths = []
+        for job in jobs:
+            paths.append(_synth_one(job))
+            bar.update()
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            paths = []
+            for path in pool.imap(_synth_one, jobs):
+                paths.append(path)
+                bar.update()
+    bar.close()
+    return paths
+
+
+def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=256, workers=2):
+    """Paths of `count` synthetic clips in root/<split>_<count>_<seed>/, generated on first use."""
+    folder = os.path.join(root, f"{split}_{count}_{seed}" + ("" if size == 256 else f"_{size}px"))
+    paths = [os.path.join(folder, f"clip_{i:04d}.npz") for i in range(count)]
+    if all(os.path.exists(p) and os.path.exists(p[:-4] + ".mp4") for p in paths):
+        return paths
+    return synth(folder, count, seed, split, size, workers)
+
+
+def clips_or_synthetic(folder: str | None, split: str, count: int, seed: int = 0, cache: str = "cache") -> list[str]:
+    """The clips of `folder` (clips.clip_paths), or `count` synthetic clips of `split` generated on first use."""
+    if folder is not None:
+        return clips.clip_paths(folder)
+    return ensure_synthetic(split, count, seed, root=os.path.join(cache, "synth"))

@@ -1,0 +1,379 @@
+"""Synthetic speech and motion for the synthetic talking heads: espeak-ng sentences with phoneme timings, and the
+mouth, blink and head tracks that follow them.
+
+Not part of the paper (it trains on HDTF / MEAD videos); our data generator, so the cascade can be trained and
+measured offline with exact ground truth (`synth_clips.make_clip` puts the pieces together):
+
+- speech: espeak-ng (the `espeakng-loader` wheel, through ctypes) speaks random sentences from a small grammar
+  with random voices, variants, pitch and rate; phoneme events give IPA labels and timings;
+- motion: per-phoneme viseme targets (jaw opening, lip spread/rounding) with coarticulation (a zero-phase
+  critically damped filter), a closure envelope that shuts the lips at bilabials and in silences, natural
+  blinks and a small smooth head pose (`synth_face.animate` applies them to the mesh).
+
+Time convention: frame i shows time (i + 0.5) / fps (its centre), so frame i lines up with the audio window
+[i / fps, (i + 1) / fps).
+"""
+import ctypes
+import functools
+import math
+import os
+import pickle
+import re
+import zlib
+
+import espeakng_loader
+import numpy as np
+from scipy.signal import lfilter, resample_poly
+
+FPS = 25
+SAMPLE_RATE = 16000
+ESPEAK_RATE = 22050
+CLIP_SECONDS = (3.0, 8.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Speech: espeak-ng through ctypes
+# ------------------------------------------------------------------------------------------------------------
+
+_EVENT_END, _EVENT_PHONEME = 0, 7
+_ESPEAK_RATE_PARAM, _ESPEAK_PITCH_PARAM, _ESPEAK_RANGE_PARAM = 1, 3, 4
+VOICES = ("en-us", "en", "en-us-nyc", "en-gb-x-rp", "en-gb-scotland", "en-029")
+VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
+            "klatt", "klatt2", "klatt3", "adam", "anika", "ed", "linda", "max", "steph")
+
+
+class _EspeakEventId(ctypes.Union):
+    _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
+
+
+class _EspeakEvent(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", _EspeakEventId)]
+
+
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                  ctypes.POINTER(_EspeakEvent))
+
+
+class _Espeak:
+    """One initialised espeak-ng per process (synchronous output, phoneme events with IPA names)."""
+
+    def __init__(self):
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        rate = self.lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 1 | 2)
+        if rate != ESPEAK_RATE:
+            raise RuntimeError(f"espeak_Initialize returned {rate}, expected {ESPEAK_RATE} Hz")
+        self.chunks, self.events = [], []
+        self._callback = _SynthCallback(self._collect)  # keep a reference: ctypes must not free it
+        self.lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, wav, n, events):
+        if n > 0:
+            self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        i = 0
+        while events[i].type != _EVENT_END:
+            if events[i].type == _EVENT_PHONEME:
+                ipa = events[i].id.string.decode("utf-8", "replace")
+                self.events.append((events[i].audio_position / 1000.0, ipa))
+            i += 1
+        return 0
+
+    def speak(self, text, voice="en-us", rate=175, pitch=50, pitch_range=50):
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {voice!r}")
+        for param, value in ((_ESPEAK_RATE_PARAM, rate), (_ESPEAK_PITCH_PARAM, pitch),
+                             (_ESPEAK_RANGE_PARAM, pitch_range)):
+            self.lib.espeak_SetParameter(param, int(value), 0)
+        self.chunks, self.events = [], []
+        ctypes.CDLL(None).srand(1)  # the Klatt voices draw noise from libc's rand()
+        data = text.encode("utf-8")
+        self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, espeakCHARS_UTF8
+        self.lib.espeak_Synchronize()
+        wav = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
+        return wav.astype(np.int16), list(self.events)
+
+
+@functools.lru_cache(maxsize=1)
+def _espeak():
+    return _Espeak()
+
+
+def _in_fresh_process(fn, *args):
+    """fn(*args) in a forked child, whose espeak-ng starts from the state of a never-used library.
+
+    espeak-ng keeps hidden state between utterances (the pitch flutter phase), so the same text would not
+    give the same samples twice in one process; the parent never initialises espeak, each call does.
+    """
+    if not hasattr(os, "fork"):
+        return fn(*args)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: compute, send, exit without running the parent's cleanup
+        os.close(read_end)
+        try:
+            payload = pickle.dumps((True, fn(*args)))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the parent
+            payload = pickle.dumps((False, f"{type(err).__name__}: {err}"))
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(payload)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        payload = pipe.read()
+    os.waitpid(pid, 0)
+    if not payload:
+        raise RuntimeError("espeak-ng child process died without an answer")
+    ok, result = pickle.loads(payload)
+    if not ok:
+        raise RuntimeError(f"espeak-ng synthesis failed: {result}")
+    return result
+
+
+def _synthesize(text, voice, rate, pitch, pitch_range):
+    wav, events = _espeak().speak(text, voice, rate, pitch, pitch_range)
+    duration = len(wav) / ESPEAK_RATE
+    phonemes = []
+    for k, (start, ipa) in enumerate(events):
+        end = events[k + 1][0] if k + 1 < len(events) else duration
+        if ipa.strip("_ ") and end > start:
+            phonemes.append((start, min(end, duration), ipa))
+    return wav, phonemes
+
+
+def synthesize(text, voice="en-us", rate=175, pitch=50, pitch_range=50):
+    """Speak `text` with espeak-ng (deterministic: each call runs in a fresh forked process).
+
+    Returns (wav int16 (N,) at 22050 Hz, phonemes [(start_s, end_s, ipa), ...]) where pauses are left out,
+    so the gaps between phonemes are silences. Stress marks are kept in the IPA strings.
+    """
+    return _in_fresh_process(_synthesize, text, voice, rate, pitch, pitch_range)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sentences: a small grammar, with a held-out pool for the test split
+# ------------------------------------------------------------------------------------------------------------
+
+_WORDS = {
+    "det": "the a my your our their this that every one".split(),
+    "adj": ("big small old young quiet happy bright purple brave busy calm cheap deep empty famous gentle "
+            "heavy hungry lazy loud modern narrow polite proud rapid smooth sharp soft tall warm wild").split(),
+    "noun": ("baby bottle banana mother father teacher pilot farmer monkey puppy market museum boat bus "
+             "garden window kitchen piano apple orange bird moon ocean forest mirror pepper button ribbon "
+             "wagon island painter robot camera blanket basket violin doctor sheep tiger").split(),
+    "verb": ("bought opened painted pushed moved watched kept played pulled found carried helped fixed "
+             "washed visited passed followed wrapped loved caught shared dropped picked borrowed").split(),
+    "adv": "quickly slowly happily quietly often barely gently proudly calmly boldly".split(),
+    "prep": "near behind beside above below under past inside".split(),
+    "time": ("today yesterday tomorrow at noon by midnight every morning on monday in april "
+             "before breakfast after supper").split(" "),
+}
+_TEMPLATES = (
+    "det adj noun verb det noun",
+    "det noun adv verb det adj noun prep det noun",
+    "det adj noun verb det noun time",
+    "time det noun verb det adj noun",
+    "det noun prep det noun verb det adj noun",
+    "det noun verb det adj noun adv",
+)
+
+
+def make_sentence(rng):
+    """One random sentence from the grammar (capitalised, with a full stop)."""
+    template = _TEMPLATES[rng.integers(len(_TEMPLATES))].split()
+    words = [_WORDS[slot][rng.integers(len(_WORDS[slot]))] for slot in template]
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + "."
+
+
+def _sentence_split(text):
+    return "test" if zlib.crc32(text.encode()) % 5 == 0 else "train"
+
+
+@functools.lru_cache(maxsize=2)
+def sentence_pool(split, size=4000):
+    """Deterministic, disjoint sentence pools: a sentence belongs to 'test' when crc32(text) % 5 == 0."""
+    rng = np.random.default_rng(12345)
+    pool = sorted({make_sentence(rng) for _ in range(size)})
+    return tuple(s for s in pool if _sentence_split(s) == split)
+
+
+def speech_clip(rng, split="train", seconds=None, text=None):
+    """Random multi-phrase utterance: 3-8 s of 16 kHz speech with pauses between phrases.
+
+    With `text`, speaks just that phrase (between short silences) and the 3-8 s limits do not apply.
+    Returns (audio int16 (N,), phonemes float32 (P, 2) start/end seconds, ipa list, text).
+    """
+    seconds = rng.uniform(*CLIP_SECONDS) if seconds is None else seconds
+    voice = VOICES[rng.integers(len(VOICES))]
+    variant = VARIANTS[rng.integers(len(VARIANTS))]
+    voice = voice + ("+" + variant if variant else "")
+    rate, pitch, pitch_range = rng.integers(140, 200), rng.integers(30, 75), rng.integers(30, 80)
+    pool = sentence_pool(split)
+    pieces = [np.zeros(int(rng.uniform(0.15, 0.4) * ESPEAK_RATE), np.int16)]
+    offset = len(pieces[0]) / ESPEAK_RATE
+    phonemes, texts = [], []
+    while offset < seconds and not (text is not None and texts):
+        sentence = pool[rng.integers(len(pool))] if text is None else text
+        wav, phons = synthesize(sentence, voice, rate, pitch, pitch_range)
+        if texts and offset + len(wav) / ESPEAK_RATE > CLIP_SECONDS[1] - 0.2:
+            break
+        texts.append(sentence)
+        phonemes += [(s + offset, e + offset, ipa) for s, e, ipa in phons]
+        pause = np.zeros(int(rng.uniform(0.25, 0.7) * ESPEAK_RATE), np.int16)
+        pieces += [wav, pause]
+        offset += (len(wav) + len(pause)) / ESPEAK_RATE
+    wav = np.concatenate(pieces)
+    target = int(round((offset if text is not None else np.clip(offset, *CLIP_SECONDS)) * ESPEAK_RATE))
+    wav = np.pad(wav, (0, max(0, target - len(wav))))[:target]
+    audio = resample_poly(wav.astype(np.float64), 320, 441)  # 22050 -> 16000 Hz
+    audio = np.clip(np.round(audio), -32768, 32767).astype(np.int16)
+    duration = len(audio) / SAMPLE_RATE
+    phonemes = [(s, min(e, duration), ipa) for s, e, ipa in phonemes if s < duration]
+    times = np.array([(s, e) for s, e, _ in phonemes], np.float32).reshape(-1, 2)  # (P, 2)
+    return audio, times, [ipa for _, _, ipa in phonemes], " ".join(texts)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Visemes: phoneme -> (jaw opening, lip spread) targets, coarticulation, closures, blinks, head pose
+# ------------------------------------------------------------------------------------------------------------
+
+BILABIALS = ("p", "b", "m")
+# (opening 0..1, spread -1 rounded .. +1 spread) per IPA symbol (first matching prefix wins)
+_VISEME_TABLE = (
+    ("tʃ", 0.2, -0.5), ("dʒ", 0.2, -0.5), ("ʃ", 0.2, -0.6), ("ʒ", 0.2, -0.6),
+    ("p", 0.0, 0.0), ("b", 0.0, 0.0), ("m", 0.0, 0.0),
+    ("f", 0.08, 0.1), ("v", 0.08, 0.1), ("θ", 0.2, 0.2), ("ð", 0.2, 0.2),
+    ("w", 0.12, -1.0), ("ɹ", 0.22, -0.4), ("r", 0.22, -0.4),
+    ("aɪ", 0.95, 0.1), ("aʊ", 0.95, -0.2), ("a", 1.0, 0.1), ("ɑ", 1.0, 0.0), ("æ", 0.85, 0.4), ("ɐ", 0.75, 0.0),
+    ("ʌ", 0.7, 0.0), ("ɔ", 0.7, -0.7), ("ɒ", 0.8, -0.5), ("oʊ", 0.55, -0.8), ("o", 0.55, -0.8), ("əʊ", 0.5, -0.6),
+    ("u", 0.3, -1.0), ("ʊ", 0.35, -0.8), ("i", 0.3, 0.9), ("ɪ", 0.38, 0.7), ("eɪ", 0.5, 0.7), ("e", 0.5, 0.6),
+    ("ɛ", 0.6, 0.5), ("ɜ", 0.5, 0.0), ("ɚ", 0.45, -0.3), ("ə", 0.45, 0.0), ("ᵻ", 0.35, 0.3), ("ɐ", 0.7, 0.0),
+    ("j", 0.25, 0.6), ("h", 0.4, 0.0), ("s", 0.15, 0.5), ("z", 0.15, 0.5), ("t", 0.22, 0.3), ("d", 0.22, 0.3),
+    ("n", 0.22, 0.2), ("l", 0.28, 0.2), ("ɾ", 0.25, 0.2), ("k", 0.3, 0.1), ("ɡ", 0.3, 0.1), ("g", 0.3, 0.1),
+    ("ŋ", 0.28, 0.1), ("ʔ", 0.2, 0.0), ("x", 0.3, 0.0),
+)
+
+
+def viseme_target(ipa):
+    """(opening, spread) target of one IPA phoneme string (stress and length marks ignored)."""
+    core = re.sub("[ˈˌː̃ʲ]", "", ipa)
+    for prefix, opening, spread in _VISEME_TABLE:
+        if core.startswith(prefix):
+            return opening, spread
+    return 0.35, 0.0
+
+
+def is_bilabial(ipa):
+    return re.sub("[ˈˌː]", "", ipa) in BILABIALS
+
+
+def silences(phonemes, duration):
+    """(start, end) of every gap without a phoneme, including the lead-in and the tail, in seconds."""
+    gaps, cursor = [], 0.0
+    for start, end in np.asarray(phonemes, np.float64).reshape(-1, 2):
+        if start - cursor > 1e-3:
+            gaps.append((cursor, start))
+        cursor = max(cursor, end)
+    if duration - cursor > 1e-3:
+        gaps.append((cursor, duration))
+    return gaps
+
+
+def bilabial_closures(phonemes, ipa):
+    """Lip closure of each bilabial: a stop (p, b) closes 50 ms before its release (the espeak event marks
+    the burst), a nasal (m) stays closed through its whole event."""
+    closures = []
+    for (start, end), label in zip(np.asarray(phonemes, np.float64).reshape(-1, 2), ipa):
+        if is_bilabial(label):
+            nasal = re.sub("[ˈˌː]", "", label) == "m"
+            closures.append((start - 0.02, max(end, start + 0.04)) if nasal else (start - 0.05, start + 0.01))
+    return closures
+
+
+def closure_intervals(phonemes, ipa, duration):
+    """Intervals where the lips must be shut: every silence and every bilabial closure."""
+    return list(silences(phonemes, duration)) + bilabial_closures(phonemes, ipa)
+
+
+def _critically_damped(x, dt, tau):
+    """Zero-phase critically damped smoothing: two first-order lowpasses, run forward and then backward."""
+    a = dt / (tau + dt)
+    y = np.asarray(x, np.float64)
+    for _ in range(2):
+        for _direction in range(2):
+            y, _ = lfilter([a], [1, a - 1], y, zi=[(1 - a) * y[0]])  # y[i] = y[i-1] + a (x[i] - y[i-1])
+            y = y[::-1]
+    return y
+
+
+def phoneme_effort(phonemes, audio, sample_rate=SAMPLE_RATE, gamma=1.0):
+    """Articulatory effort per phoneme from its loudness: (RMS / 90th-percentile RMS) ** gamma, in 0.3..1.1.
+
+    Loud (stressed) vowels open wider than weak ones; one number per phoneme, so the mouth still moves with
+    the phonemes rather than with the raw envelope.
+    """
+    x = np.asarray(audio, np.float64)
+    rms = np.array([np.sqrt(np.mean(x[int(s * sample_rate):max(int(e * sample_rate), int(s * sample_rate) + 1)]
+                                     ** 2)) for s, e in np.asarray(phonemes, np.float64).reshape(-1, 2)])
+    if len(rms) == 0:
+        return rms
+    return np.clip((rms / max(np.percentile(rms, 90), 1e-9)) ** gamma, 0.3, 1.1)
+
+
+def articulation(phonemes, ipa, duration, audio=None, fps=FPS, tau=0.012, step=0.005):
+    """Per-frame (opening, spread) (T, 2) following the phonemes, at frame centres (i + 0.5) / fps.
+
+    Each phoneme holds its viseme target (diphthongs move between two targets; with `audio` the opening is
+    scaled by the phoneme's effort), the targets are smoothed with a critically damped filter
+    (coarticulation), then multiplied by a closure envelope that is 0 in silences and at bilabial closures
+    and rises with a raised cosine over 35 ms around them.
+    """
+    if np.shape(phonemes) != (len(ipa), 2):
+        raise ValueError(f"phonemes must be (P, 2) with one IPA label each, got {np.shape(phonemes)}, {len(ipa)}")
+    grid = np.arange(0.0, duration + step, step)
+    targets = np.zeros((len(grid), 2))
+    effort = np.ones(len(ipa)) if audio is None else phoneme_effort(phonemes, audio)
+    for (start, end), label, gain in zip(np.asarray(phonemes, np.float64).reshape(-1, 2), ipa, effort):
+        first, last = viseme_target(label), viseme_target(re.sub("[ˈˌː]", "", label)[-1:] or label)
+        inside = (grid >= start) & (grid < end)
+        frac = (grid[inside] - start) / max(end - start, 1e-6)
+        mix = np.clip((frac - 0.4) / 0.6, 0, 1)[:, None] if len(label.strip("ˈˌː")) > 1 else 0.0
+        targets[inside] = ((1 - mix) * np.array(first) + mix * np.array(last)) * np.array([gain, 1.0])
+    smooth = np.stack([_critically_damped(targets[:, k], step, tau) for k in range(2)], 1)
+    envelope = np.ones(len(grid))
+    ramp = 0.035
+    for start, end in closure_intervals(phonemes, ipa, duration):
+        dist = np.maximum(start - grid, grid - end)  # <= 0 inside the interval
+        bump = np.where(dist <= 0, 1.0, 0.5 + 0.5 * np.cos(np.pi * np.clip(dist / ramp, 0, 1)))
+        envelope = np.minimum(envelope, 1 - bump)
+    smooth[:, 0] *= envelope
+    smooth[:, 1] *= 0.3 + 0.7 * envelope
+    frames = math.ceil(duration * fps - 1e-9)  # T = ceil(duration * fps)
+    centres = (np.arange(frames) + 0.5) / fps
+    return np.stack([np.interp(centres, grid, smooth[:, k]) for k in range(2)], 1).astype(np.float32)
+
+
+def blink_track(rng, frames, fps=FPS):
+    """Eyelid closure 0..1 per frame: blinks every 2-6 s, 80 ms closing, 170 ms opening."""
+    closure = np.zeros(frames)
+    t = (np.arange(frames) + 0.5) / fps
+    start = rng.uniform(0.3, 2.5)
+    while start < frames / fps:
+        close, reopen = 0.08, rng.uniform(0.13, 0.22)
+        rel = t - start
+        shape = np.where(rel < 0, 0, np.where(rel < close, rel / close, 1 - (rel - close) / reopen))
+        closure = np.maximum(closure, np.clip(shape, 0, 1))
+        start += rng.uniform(2.0, 6.0)
+    return closure.astype(np.float32)
+
+
+def pose_track(rng, frames, fps=FPS, max_deg=(4.0, 3.0, 2.5), max_shift=0.015):
+    """Smooth small head motion per frame: (yaw, pitch, roll) in degrees and (tx, ty) in frame fractions."""
+    t = np.arange(frames) / fps
+    out = np.zeros((frames, 5))
+    for k, amp in enumerate(max_deg + (max_shift, max_shift)):
+        freqs, phases, weights = rng.uniform(0.08, 0.5, 3), rng.uniform(0, 2 * np.pi, 3), rng.uniform(0.3, 1, 3)
+        wave = (weights[:, None] * np.sin(2 * np.pi * freqs[:, None] * t + phases[:, None])).sum(0)
+        out[:, k] = amp * wave / weights.sum()
+    return out.astype(np.float32)
