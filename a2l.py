@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -41,8 +42,9 @@ from tqdm import tqdm
 import clips
 import diffusion
 import landmarks
-from audio import FPS, MEL_PER_FRAME, padded_log_mel, prepare_wave, unfold_context
-from common import Config, TrainConfig, UsageError, option, train_settings
+from audio import FPS, MEL_PER_FRAME, MelContext, padded_log_mel, prepare_wave, unfold_context
+from cli import UsageError
+from common import Config, TrainConfig, option, train_settings
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,11 +397,13 @@ class A2L(nn.Module):
     @torch.no_grad()
     def generate(self, mel_ctx_full, p_bar, steps=None, eta=None, guidance=None, generator=None,
                  progress=False) -> torch.Tensor:
-        """Landmarks for audio of any length. mel_ctx_full (T, C, 80) from `mel_context`, p_bar (478, 3).
+        """Landmarks for audio of any length. mel_ctx_full (T, C, 80) from `mel_context` (or an audio.MelContext,
+        which unfolds each window only when it is sampled), p_bar (478, 3).
         Windows of length l overlap by `overlap` frames and run one after another; the last window is shifted
         back to end at T. Only the (T, 478, 3) output grows with T. Returns canonical landmarks (T, 478, 3)."""
         c = self.config
-        mel_ctx_full = torch.as_tensor(mel_ctx_full)
+        if not isinstance(mel_ctx_full, MelContext):
+            mel_ctx_full = torch.as_tensor(mel_ctx_full)
         p_bar = torch.as_tensor(p_bar, dtype=torch.float32).reshape(1, c.n_points, 3)   # (1, 478, 3)
         if mel_ctx_full.ndim != 3 or mel_ctx_full.shape[1:] != (c.ctx_mel_frames, c.n_mels):
             raise ValueError(f"mel_ctx_full must be (T, {c.ctx_mel_frames}, {c.n_mels}), "
@@ -407,12 +411,12 @@ class A2L(nn.Module):
         T = mel_ctx_full.shape[0]
         if T == 0:
             raise ValueError("mel_ctx_full has no frames")
-        L = min(c.window, T)
+        L = min(c.window, T)                                          # audio shorter than a window: one window
         result = torch.empty(T, c.n_points, 3)                        # (T, 478, 3) on CPU
         done = 0
-        starts = window_starts(T, L, c.overlap)
+        starts = window_starts(T, L, min(c.overlap, L - 1))
         if progress:
-            starts = tqdm(starts, desc="A2L windows", unit="win")
+            starts = tqdm(starts, desc="A2L windows", unit="win", file=sys.stdout)
         for s in starts:
             held = done - s
             prefix = result[s:done][None] if held > 0 else None       # (1, held, 478, 3)

@@ -19,11 +19,13 @@ then the npz, each atomically). `clip_frames` decodes the frames of many clips o
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import zipfile
 
@@ -33,7 +35,8 @@ import numpy as np
 import soundfile
 
 import landmarks
-from common import UsageError, atomic_write, temp_beside
+from cli import UsageError, disk_error
+from common import atomic_write, temp_beside
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -203,32 +206,47 @@ def read_frames(path: str, size=None, fps=None) -> np.ndarray:
 
 class Mp4Writer:
     """Stream RGB frames into an H.264 (+ AAC) mp4 through ffmpeg, so memory does not grow with the video's
-    length. Written to a temporary file beside `path` and renamed into place on a clean exit; on an exception
-    the temporary file is removed and nothing is left at `path`.
+    length. Written to a temporary file beside `path` and renamed into place on a clean exit; on any failure or
+    interruption the temporary files are removed and nothing is left at `path` (an older file there stays).
 
-        with Mp4Writer("out.mp4", (h, w), audio_int16) as video:
+        with Mp4Writer("out.mp4", (h, w), audio=int16_samples) as video:   # or audio_file="speech.m4a"
             video.write(frames)  # (n, h, w, 3) uint8, any number of times
-    """
 
-    def __init__(self, path, size_hw, audio=None, sample_rate=SAMPLE_RATE, fps=FPS, crf=18):
+    audio: int16 samples at sample_rate, written to a temporary wav for ffmpeg; audio_file: a sound file (or a
+    video with sound) whose first audio stream becomes the sound track as it is (its rate and channels kept).
+    A full disk or a file-size limit ends in UsageError naming the path and the free space there."""
+
+    def __init__(self, path, size_hw, audio=None, sample_rate=SAMPLE_RATE, fps=FPS, crf=18, audio_file=None):
         self.path, self.size_hw, self.audio = os.fspath(path), tuple(int(v) for v in size_hw), audio
-        self.sample_rate, self.fps, self.crf = sample_rate, fps, crf
+        self.sample_rate, self.fps, self.crf, self.audio_file = sample_rate, fps, crf, audio_file
         self.frames = 0
+        self._tmp = self._wav = self._proc = None
 
     def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def _start(self):
         h, w = self.size_hw
         self._tmp = temp_beside(self.path, suffix=".mp4")
-        self._wav = None
         cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                "-s", f"{w}x{h}", "-r", f"{self.fps:g}", "-i", "-"]
-        if self.audio is not None:
+        if self.audio_file is not None:
+            cmd += ["-i", self.audio_file, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k"]
+        elif self.audio is not None:
             self._wav = self._tmp[:-4] + ".wav"
-            soundfile.write(self._wav, np.asarray(self.audio, np.int16), self.sample_rate, subtype="PCM_16")
+            try:
+                soundfile.write(self._wav, np.asarray(self.audio, np.int16), self.sample_rate, subtype="PCM_16")
+            except OSError as err:  # soundfile reports a full disk as a LibsndfileError (an OSError)
+                raise disk_error(self._wav, err) from None
             cmd += ["-i", self._wav, "-c:a", "aac", "-b:a", "64k"]
         cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", str(self.crf), "-pix_fmt", "yuv420p",
                 "-threads", "1", "-movflags", "+faststart", "-f", "mp4", self._tmp]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-        return self
 
     def write(self, frames):
         frames = np.ascontiguousarray(frames, np.uint8)
@@ -236,23 +254,48 @@ class Mp4Writer:
             frames = frames[None]
         if frames.shape[1:] != (*self.size_hw, 3):
             raise ValueError(f"frames must be (n, {self.size_hw[0]}, {self.size_hw[1]}, 3), got {frames.shape}")
-        self._proc.stdin.write(frames.tobytes())
+        try:
+            self._proc.stdin.write(frames.tobytes())
+        except BrokenPipeError:  # ffmpeg stopped: a full disk or a size limit killed it; __exit__ says which
+            raise self._failure() from None
         self.frames += len(frames)
 
-    def __exit__(self, exc_type, exc, tb):
-        self._proc.stdin.close()
-        err = self._proc.stderr.read().decode(errors="replace")
+    def _failure(self) -> Exception:
+        """Why ffmpeg stopped: UsageError for a full disk / size limit, RuntimeError otherwise."""
         code = self._proc.wait()
-        if self._wav:
-            os.unlink(self._wav)
-        if exc_type is None and code == 0 and self.frames > 0:
-            os.chmod(self._tmp, 0o644)
-            os.replace(self._tmp, self.path)
+        err = self._proc.stderr.read().decode(errors="replace")
+        if code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "No space left" in err or "File too large" in err:
+            errnum = errno.EFBIG if code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "too large" in err \
+                else errno.ENOSPC
+            return disk_error(self.path, OSError(errnum, os.strerror(errnum)))
+        return RuntimeError(f"ffmpeg failed on {self.path} after {self.frames} frames (exit {code}): {err[-500:]}")
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        if exc_type is not None:
+            self._proc.kill()
+            self._cleanup()
             return False
-        os.unlink(self._tmp)
-        if exc_type is None:
-            raise RuntimeError(f"ffmpeg failed on {self.path} after {self.frames} frames: {err[-500:]}")
+        code = self._proc.wait()
+        if code != 0 or self.frames == 0:
+            failure = self._failure() if code != 0 else RuntimeError(f"no frames were written to {self.path}")
+            self._cleanup()
+            raise failure
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, self.path)
+        self._cleanup()
         return False
+
+    def _cleanup(self):
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        for path in (self._wav, self._tmp):
+            if path and os.path.exists(path):
+                os.unlink(path)
 
 
 def write_mp4(path, frames, audio=None, sample_rate=SAMPLE_RATE, fps=FPS, crf=18):

@@ -1,15 +1,14 @@
-"""Run utilities every part of DreamHead shares (ground floor: imports nothing of ours).
+"""Run utilities every part of DreamHead shares (ground floor: imports only cli.py's error type).
 
 Not a box of the paper's figure: this is the machinery around it.
 
-* Errors: `UsageError` (bad user input) and `run_cli`, which turns it into one line on stderr and exit code 2.
 * Files and images: `atomic_write` (a temporary file beside the target, renamed into place, so a crash never
   leaves a truncated output), `check_writable`, `save_png`, and the uint8 <-> [-1, 1] tensor conversions
   `to_tensor_image` / `to_uint8_image`.
 * Configs: `option` (a dataclass field with its `--help` sentence), `Config` (named presets and dict round
   trips shared by `VAEConfig`, `A2LConfig` and `L2IConfig`) and `TrainConfig`, the one block of training
   settings every stage config carries (`config.train`), so every checkpoint records how it was trained.
-* Checkpoints: one dict `{stage, version, config, model, ema, optimizer, step, extra, history}`
+* Checkpoints: one dict `{stage, version, config, model, ema, optimizer, step, extra, history, rng}`
   (`save_checkpoint`, `load_checkpoint`, which checks the version and upgrades older layouts), `weights_sha1`
   (a fingerprint of a model's weights, how an L2I checkpoint names the VAE it was trained on).
 * Training: `EMA` of the weights, the learning-rate schedule `lr_at`, and `pick_device`.
@@ -20,7 +19,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import sys
 import tempfile
 from typing import ClassVar
 
@@ -29,24 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cli import UsageError
+
 CHECKPOINT_VERSION = 2  # 1: training settings flat in the config, no record of the VAE under an L2I model
-
-
-class UsageError(Exception):
-    """Bad user input: the CLI prints the message as one line and exits with code 2 (see `run_cli`)."""
-
-
-def run_cli(main) -> None:
-    """Run a CLI entry point; a UsageError becomes one line on stderr and exit code 2 (no traceback), Ctrl-C
-    outside a training loop (which saves a checkpoint itself) one line and exit code 130."""
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@
     python data.py template [--out assets/canonical_template.npy]
     python data.py detect   PHOTO [--out PANEL.png]     landmarks, pose and mouth box of one photo
 
+`synth` records its settings (seed, split, size, generator version) in DIR/synth.json and refuses a DIR made with
+other settings; a second run with the same ones only adds the clips that are missing.
+
 The generator itself lives in synth_speech.py (speech and motion), synth_face.py (faces and rendering) and
 synth_clips.py (clips); the canonical template is [A2L: landmarks P]'s frontal reference (landmarks.py).
 """
-import argparse
 import glob
 import os
 import time
@@ -25,8 +27,9 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 import landmarks
+from cli import ArgumentParser, UsageError, int_flag, run_cli
 from clips import load_clip, read_frames, write_mp4
-from common import UsageError, atomic_write, run_cli, save_png
+from common import atomic_write, save_png
 from landmarks import EYE_OUTER_LEFT, EYE_OUTER_RIGHT, RIGID, detect_image, load_image_rgb
 from synth_clips import EXAMPLE, make_clip, synth
 from synth_face import render_clip
@@ -267,22 +270,22 @@ def detect(image_path: str, out: str | None, size: int) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="generate clips (mp4 + npz)")
     s.add_argument("--out", required=True)
-    s.add_argument("--clips", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--clips", type=int_flag(1), default=64)
+    s.add_argument("--seed", type=int_flag(0), default=0)
     s.add_argument("--split", choices=("train", "test"), default="train")
-    s.add_argument("--size", type=int, default=256)
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--size", type=int_flag(64), default=256)
+    s.add_argument("--workers", type=int_flag(1), default=2)
     v = sub.add_parser("verify", help="measure detection, lip error and mouth/audio agreement")
     v.add_argument("--dir", required=True)
-    v.add_argument("--clips", type=int, default=20)
+    v.add_argument("--clips", type=int_flag(1), default=20)
     c = sub.add_parser("sheet", help="contact sheet png (and a short sample mp4)")
     c.add_argument("--out", default="docs/data_contact_sheet.png")
     c.add_argument("--video", default=None)
-    c.add_argument("--size", type=int, default=256)
+    c.add_argument("--size", type=int_flag(64), default=256)
     e = sub.add_parser("example", help="the example inputs shipped in examples/ (a held-out face and sentence)")
     e.add_argument("--out", default="examples")
     t = sub.add_parser("template", help="rebuild the canonical template from the two sample photos")
@@ -290,7 +293,7 @@ def main(argv=None):
     d = sub.add_parser("detect", help="detect the landmarks of a photo and print a summary")
     d.add_argument("image")
     d.add_argument("--out", help="PNG: mesh on the photo | canonical landmark image | masked frame")
-    d.add_argument("--size", type=int, default=256, help="canonical landmark image size")
+    d.add_argument("--size", type=int_flag(64), default=256, help="canonical landmark image size")
     args = parser.parse_args(argv)
     if args.command == "example":
         example(args.out)

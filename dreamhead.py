@@ -25,6 +25,7 @@ Also here: `load_model`, which rebuilds any stage from its one-dict checkpoint.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import cv2
@@ -35,8 +36,9 @@ from tqdm import tqdm
 import clips
 import landmarks
 from a2l import A2L, A2LConfig
-from audio import SAMPLE_RATE, frames_for_duration, load_audio, mel_context
-from common import UsageError, load_checkpoint, pick_device, to_uint8_image, weights_sha1
+from audio import SAMPLE_RATE, MelContext, frames_for_duration, load_audio, padded_log_mel
+from cli import UsageError
+from common import load_checkpoint, pick_device, to_uint8_image, weights_sha1
 from l2i import L2I, L2IConfig, check_vae_matches, condition_images, encode_conditions, paste_back, reference_images
 from vae import AutoencoderKL, VAEConfig
 
@@ -44,6 +46,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = {"vae": (AutoencoderKL, VAEConfig), "a2l": (A2L, A2LConfig), "l2i": (L2I, L2IConfig)}
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MIN_EYE_DISTANCE = 12  # px in the output frame; below this the mouth is a few pixels and cannot be rendered
+CHUNK = 1024  # output frames whose landmarks are put back into frame pixels at once (memory vs speed)
 
 
 def default_checkpoint(stage: str) -> str:
@@ -65,6 +68,10 @@ def load_model(path: str, stage: str, device="cpu", weights: str = "ema") -> tor
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise UsageError(f"{path} does not match this code's {stage} model ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:120]}); retrain it or update the code") from None
+    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UsageError(f"{path} has NaN or infinite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}); the "
+                         "file is damaged or the run diverged: re-download or retrain it")
     if stage == "l2i":
         model.trained_with_vae = ckpt.get("vae")
     return model.to(device).eval()
@@ -77,9 +84,11 @@ def load_model(path: str, stage: str, device="cpu", weights: str = "ema") -> tor
 @dataclass
 class Face:
     """The face source: frames uint8 (N, H, W, 3) at 25 fps (a photo: N = 1), their landmarks (N, 478, 3) in
-    those pixels, and `scale`, the size of these frames over the file's (the output is at most max_size px)."""
+    those pixels, `usable` (N,) whether a face was found on the frame (or in a short gap), and `scale`, the size
+    of these frames over the file's (the output is at most max_size px)."""
     frames: np.ndarray
     P: np.ndarray
+    usable: np.ndarray
     scale: float
     name: str
 
@@ -88,17 +97,27 @@ class Face:
 class Plan:
     """Everything decided before rendering, per output frame t (T = ceil(seconds x 25)):
     source (T,) the source frame it starts from; crop (T, 3) its face box (x0, y0, side) in frame pixels;
-    P_canon (T, 478, 3) the canonical landmarks to render; P_img (T, 478, 3) the same in the frame's pixels and
-    head pose; mouth (T, 4) the box blacked out and pasted back, in crop pixels (x0, y0, x1, y1)."""
+    P_canon (T, 478, 3) the canonical landmarks to render; mouth (T, 4) the box blacked out and pasted back, in
+    crop pixels (x0, y0, x1, y1); pose: the source's head pose per source frame (landmarks.canonicalize), and
+    given: landmarks in frame pixels when they were given instead of A2L's (else None). Only P_canon holds 478
+    points per output frame; `image_landmarks` puts them back into the frame's pixels a chunk at a time."""
     source: np.ndarray
     crop: np.ndarray
     P_canon: np.ndarray
-    P_img: np.ndarray
     mouth: np.ndarray
+    pose: dict
+    given: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
         return len(self.source)
+
+    def image_landmarks(self, idx) -> np.ndarray:
+        """The driving landmarks of frames idx in the frame's pixels and the source's head pose: (n, 478, 3)."""
+        if self.given is not None:
+            return self.given[idx]
+        pose = {k: v[self.source[idx]] for k, v in self.pose.items()}
+        return landmarks.uncanonicalize(self.P_canon[idx], pose)
 
 
 def fit_size(h: int, w: int, max_size: int) -> tuple[int, int]:
@@ -116,8 +135,8 @@ def load_face(path: str, max_size: int = 720) -> Face:
         frames = clips.read_frames(path, (w, h), fps=25)
         if len(frames) == 0:
             raise UsageError(f"{path} has no video frames; give a video with a visible face")
-        P, _ = landmarks.detect_video(frames, progress=True)  # (N, 478, 3); UsageError when no face at all
-        face = Face(frames, P, w / w0, path)
+        P, usable = landmarks.detect_video(frames, progress=True)  # (N, 478, 3); UsageError when no face at all
+        face = Face(frames, P, usable, w / w0, path)
     else:
         image = landmarks.load_image_rgb(path)  # UsageError when missing or unreadable
         P = landmarks.detect_image(image, name=path)  # at full resolution; UsageError when there is no face
@@ -125,12 +144,12 @@ def load_face(path: str, max_size: int = 720) -> Face:
         scale = w / image.shape[1]
         if (h, w) != image.shape[:2]:
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        face = Face(image[None], (P * scale)[None], scale, path)
-    eyes = float(landmarks.inter_ocular(face.P).min())
+        face = Face(image[None], (P * scale)[None], np.ones(1, bool), scale, path)
+    eyes = float(landmarks.inter_ocular(face.P[face.usable]).min())
     if eyes < MIN_EYE_DISTANCE:
         raise UsageError(f"the face in {path} is too small: its eyes are {eyes:.0f} px apart in the "
                          f"{face.frames.shape[2]}x{face.frames.shape[1]} output (at least {MIN_EYE_DISTANCE} "
-                         "needed); use a larger --max-size or a photo where the face fills more of the frame")
+                         "needed; --max-size only shrinks); use a photo or video where the face is larger")
     return face
 
 
@@ -143,6 +162,10 @@ def load_landmarks(path: str) -> np.ndarray:
                          "(T, 478, 3)") from None
     if P.ndim != 3 or P.shape[1:] != (478, 3) or not np.isfinite(P).all():
         raise UsageError(f"landmarks {path} must be a finite (T, 478, 3) array, got {P.shape}")
+    flat = np.flatnonzero(landmarks.inter_ocular(P) < 1e-3)
+    if len(flat):
+        raise UsageError(f"landmarks {path}: frame {flat[0]} has its eyes on top of each other ({len(flat)} such "
+                         "frames); give MediaPipe landmarks of a face, one per frame")
     return P.astype(np.float32)
 
 
@@ -205,13 +228,15 @@ def debug_frame(source: np.ndarray, P: np.ndarray, output: np.ndarray) -> np.nda
 @dataclass
 class Talk:
     """One generated video, rendered lazily: iterate it for uint8 output frames (b, H, W, 3) in order (input |
-    landmarks | output with debug=True). wave: the 16 kHz model input (also the sound track); landmarks: the
-    driving landmarks (T, 478, 3) in the face file's pixels (what --save-landmarks writes)."""
+    landmarks | output with debug=True). wave: the 16 kHz model input; audio_file: the user's sound file, which
+    becomes the video's sound track as it is (the wave when there is none); landmarks: the driving landmarks
+    (T, 478, 3) in the face file's pixels (what --save-landmarks writes)."""
     model: "DreamHead"
     face: Face
     plan: Plan
     wave: np.ndarray
     options: dict
+    audio_file: str | None = None
 
     @property
     def num_frames(self) -> int:
@@ -224,7 +249,8 @@ class Talk:
 
     @property
     def landmarks(self) -> np.ndarray:
-        return (self.plan.P_img / self.face.scale).astype(np.float32)
+        chunks = [self.plan.image_landmarks(slice(i, i + CHUNK)) for i in range(0, self.num_frames, CHUNK)]
+        return (np.concatenate(chunks) / self.face.scale).astype(np.float32)
 
     def __iter__(self):
         return self.model.render(self.face, self.plan, **self.options)
@@ -274,7 +300,8 @@ class DreamHead:
                            progress: bool = False) -> np.ndarray:
         """A2L over a whole 16 kHz utterance: canonical landmarks (T, 478, 3), T = ceil(seconds x 25)."""
         cfg = self.a2l.config
-        mel_ctx = mel_context(wave, context_frames=cfg.context_frames, n_mels=cfg.n_mels)  # (T, C, 80)
+        padded = padded_log_mel(wave, context_frames=cfg.context_frames, n_mels=cfg.n_mels)  # (4T + 8k, 80)
+        mel_ctx = MelContext(padded, cfg.context_frames)  # (T, C, 80), unfolded a window at a time
         gen = torch.Generator(self.device).manual_seed(seed)
         return self.a2l.generate(mel_ctx, torch.as_tensor(p_bar, dtype=torch.float32), steps=steps,
                                  guidance=guidance, generator=gen, progress=progress).numpy()
@@ -286,24 +313,27 @@ class DreamHead:
         T = frames_for_duration(len(wave))
         source = pingpong(T, len(face.frames))  # (T,) source frame of each output frame
         boxes = landmarks.clip_face_boxes(face.P, self.face_iod)  # (N, 3), steadied over 9 frames for videos
-        P_src, crop = face.P[source], boxes[source]  # (T, 478, 3), (T, 3)
-        _, pose = landmarks.canonicalize(P_src)  # per output frame: the source's head pose
+        _, pose = landmarks.canonicalize(face.P)  # (N,) the source's head pose, per source frame
+        given = None
         if landmarks_px is not None:
             if len(landmarks_px) < T:
                 raise UsageError(f"the landmarks have {len(landmarks_px)} frames but the audio needs {T}; give "
                                  "one per frame at 25 fps")
-            P_img = landmarks_px[:T].astype(np.float32) * face.scale  # (T, 478, 3) in frame px
-            P_canon, _ = landmarks.canonicalize(P_img)
+            given = landmarks_px[:T].astype(np.float32) * face.scale  # (T, 478, 3) in frame px
+            P_canon, _ = landmarks.canonicalize(given)
         else:
-            p_bar = landmarks.canonicalize(face.P)[0].mean(0)  # (478, 3): the subject's mean canonical mesh
-            P_canon = self.audio_to_landmarks(wave, p_bar, steps, guidance, seed, progress=progress)
+            p_bar = landmarks.canonicalize(face.P[face.usable])[0].mean(0)  # (478, 3): the mean canonical mesh
+            P_canon = self.audio_to_landmarks(wave, p_bar, steps, guidance, seed, progress=progress)  # (T, 478, 3)
             if smooth > 1:
                 P_canon = landmarks.smooth_landmarks(P_canon, smooth)
-            P_img = landmarks.uncanonicalize(P_canon, pose)  # (T, 478, 3) in the source's pose
+        plan = Plan(source, boxes[source], P_canon, np.empty((T, 4), np.int64), pose, given)
         expand, size = self.l2i.config.mask_expand, self.size
-        mouth = union_boxes(mouth_boxes(landmarks.to_crop(P_src, crop, size), size, expand),
-                            mouth_boxes(landmarks.to_crop(P_img, crop, size), size, expand))  # (T, 4) crop px
-        return Plan(source, crop, P_canon, P_img, mouth)
+        source_mouth = mouth_boxes(landmarks.to_crop(face.P, boxes, size), size, expand)  # (N, 4) crop px
+        for i in range(0, T, CHUNK):  # a chunk at a time: no (T, 478, 3) float64 temporaries
+            idx = slice(i, i + CHUNK)
+            driving = mouth_boxes(landmarks.to_crop(plan.image_landmarks(idx), plan.crop[idx], size), size, expand)
+            plan.mouth[idx] = union_boxes(source_mouth[source[idx]], driving)  # (n, 4)
+        return plan
 
     # ---- L2I ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -341,16 +371,18 @@ class DreamHead:
         is shrunk to the model's size (bilinear sampling or area averaging, landmarks.crop_faces)."""
         crops = landmarks.crop_faces(face.frames, landmarks.clip_face_boxes(face.P, self.face_iod), self.size,
                                      area=crop_filter == "area")  # (N, S, S, 3)
-        ref_canon = landmarks.canonicalize(face.P[0])[0]  # the reference pair: the first source frame
+        ref = int(np.flatnonzero(face.usable)[0])  # the reference pair: the first source frame with a face
+        ref_canon = landmarks.canonicalize(face.P[ref])[0]
         done = 0
-        for generated in self.render_crops(crops, plan.source, plan.mouth, plan.P_canon, crops[0], ref_canon,
+        for generated in self.render_crops(crops, plan.source, plan.mouth, plan.P_canon, crops[ref], ref_canon,
                                            steps, guidance, seed, batch):  # (b, S, S, 3)
             out = []
             for g in generated:  # paste-back touches only the mouth region of each frame
                 i = done + len(out)
                 source = face.frames[plan.source[i]]
-                frame = paste(source, plan.crop[i], g, plan.mouth[i])
-                out.append(debug_frame(source, plan.P_img[i], frame) if debug else frame)
+                # a driving-video frame without a face keeps its pixels: there is no mouth to put anything on
+                frame = paste(source, plan.crop[i], g, plan.mouth[i]) if face.usable[plan.source[i]] else source
+                out.append(debug_frame(source, plan.image_landmarks([i])[0], frame) if debug else frame)
             done += len(out)
             yield np.stack(out)
 
@@ -361,18 +393,30 @@ class DreamHead:
         """Speech (a sound file's path, or a 16 kHz mono float wave) and a face (a photo or video path, or a
         Face) -> a Talk: face detection, the crop, P̄ and A2L run now, L2I and paste-back when it is iterated.
         steps / guidance apply to both stages (None: each config's); the same seed gives the same video."""
-        wave = load_audio(audio) if isinstance(audio, (str, os.PathLike)) else np.asarray(audio, np.float32)
+        self.check_steps(steps)
+        audio_file = os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else None
+        wave = load_audio(audio_file) if audio_file else np.asarray(audio, np.float32)
         face = load_face(os.fspath(face), max_size) if isinstance(face, (str, os.PathLike)) else face
         plan = self.plan(wave, face, landmarks_px, steps, guidance, seed, smooth, progress)
         options = dict(steps=steps, guidance=guidance, seed=seed, batch=batch, crop_filter=crop_filter, debug=debug)
-        return Talk(self, face, plan, wave, options)
+        return Talk(self, face, plan, wave, options, audio_file)
+
+    def check_steps(self, steps) -> None:
+        """UsageError when `steps` DDIM steps exceed a stage's diffusion timesteps (the sampling grid's limit)."""
+        for name, model in (("A2L", self.a2l), ("L2I", self.l2i)):
+            limit = model.config.num_train_timesteps
+            if steps is not None and not 1 <= steps <= limit:
+                raise UsageError(f"--steps {steps} is outside the {name} model's 1..{limit} diffusion timesteps; "
+                                 f"give at most {limit}")
 
     def write_video(self, path: str, talk: Talk, progress: bool = False, on_frames=None) -> None:
-        """Stream a Talk into an H.264 + AAC mp4 at 25 fps (its 16 kHz wave as the sound track), written to a
-        temporary file and renamed into place; on_frames(start, frames) sees every batch before it is written."""
-        audio16 = np.clip(talk.wave * 32767, -32768, 32767).astype(np.int16)
-        with clips.Mp4Writer(path, talk.frame_size, audio16, SAMPLE_RATE) as video, \
-                tqdm(total=talk.num_frames, desc="frames", unit="frame", disable=not progress) as bar:
+        """Stream a Talk into an H.264 + AAC mp4 at 25 fps (the user's sound file as the sound track, or the 16 kHz
+        wave), written to a temporary file and renamed into place; on_frames(start, frames) sees every batch
+        before it is written."""
+        audio16 = None if talk.audio_file else np.clip(talk.wave * 32767, -32768, 32767).astype(np.int16)
+        with clips.Mp4Writer(path, talk.frame_size, audio16, SAMPLE_RATE, audio_file=talk.audio_file) as video, \
+                tqdm(total=talk.num_frames, desc="frames", unit="frame", disable=not progress,
+                     file=sys.stdout) as bar:
             done = 0
             for frames in talk:
                 if on_frames is not None:

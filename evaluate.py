@@ -30,7 +30,6 @@ per second of audio.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -43,7 +42,8 @@ import torch
 import clips
 import landmarks
 from a2l import A2LWindows, predict_clips
-from common import atomic_write, run_cli, save_png, to_tensor_image, to_uint8_image
+from cli import ArgumentParser, float_flag, int_flag, run_cli, seed_flag
+from common import atomic_write, save_png, to_tensor_image, to_uint8_image
 from dreamhead import DreamHead, load_model
 from l2i import L2IFrames, L2ILatents
 from metrics import UPSCALE, corr_by_identity, landmark_metrics, measured_opening, nan_corr, plot_opening, psnr
@@ -232,7 +232,7 @@ def main_a2l(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
     a = sub.add_parser("a2l", help="lip LMD, mouth-opening correlation and jitter on held-out clips")
     a.add_argument("--ckpt", default="runs/a2l/ckpt.pt", help="The A2L checkpoint.")
@@ -244,26 +244,26 @@ def parse_args(argv=None):
     i = sub.add_parser("l2i", help="mouth PSNR vs copy-the-reference and MediaPipe opening on held-out clips")
     i.add_argument("--ckpt", nargs="+", default=["runs/l2i/ckpt.pt"], help="L2I checkpoints, name=path or path.")
     i.add_argument("--vae", default="runs/vae/ckpt.pt", help="The VAE the L2I checkpoints were trained on.")
-    i.add_argument("--every", type=int, default=4, help="Evaluate every n-th frame.")
+    i.add_argument("--every", type=int_flag(1), default=4, help="Evaluate every n-th frame.")
     s = sub.add_parser("sample", help="the whole cascade on held-out faces and sentences")
-    s.add_argument("--videos", type=int, default=4, help="Held-out clips to dub.")
+    s.add_argument("--videos", type=int_flag(1), default=4, help="Held-out clips to dub.")
     for stage in ("a2l", "vae", "l2i"):
         s.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
     s.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="How the face crop is "
                    "shrunk to the model's size, as sample.py --crop-filter.")
     for q in (a, v, i, s):
         q.add_argument("--data", default=None, help="Folder of held-out clips; by default the synthetic test split.")
-        q.add_argument("--clips", type=int, default=20, help="Synthetic held-out clips.")
+        q.add_argument("--clips", type=int_flag(1), default=20, help="Synthetic held-out clips.")
         q.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
     for q in (v, i, s):
         q.add_argument("--upscale", choices=sorted(UPSCALE), default="cubic", help="Interpolation that upscales "
                        "frames before MediaPipe detection; on soft 64 px frames the opening correlation moves by a "
                        "few hundredths between them, either way (docs/experiments.md).")
     for q in (a, i, s):
-        q.add_argument("--steps", type=int, default=None, help="DDIM steps; by default the config's.")
-        q.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise.")
+        q.add_argument("--steps", type=int_flag(1), default=None, help="DDIM steps; by default the config's.")
+        q.add_argument("--seed", type=seed_flag, default=0, help="Seed of the sampling noise.")
     for q in (i, s):
-        q.add_argument("--guidance", type=float, default=None, help="Classifier-free guidance scale; by default "
+        q.add_argument("--guidance", type=float_flag, default=None, help="Classifier-free guidance scale; by default "
                        "the config's.")
     return p.parse_args(argv)
 

@@ -42,7 +42,8 @@ from tqdm import tqdm
 import clips
 import diffusion
 import landmarks
-from common import Config, TrainConfig, UsageError, option, to_tensor_image, train_settings
+from cli import UsageError
+from common import Config, TrainConfig, option, to_tensor_image, train_settings
 
 COND_KEYS = ("mask", "ref", "ref_lmk", "lmk")  # condition latents, in slot order
 REFERENCE_KEYS = ("ref", "ref_lmk")  # the reference pair (dropped by use_reference=False)

@@ -31,7 +31,9 @@ positions), re-centred at the RIGID centroid and rescaled to IOD = 1.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -39,7 +41,7 @@ import mediapipe as mp
 import numpy as np
 from tqdm import tqdm
 
-from common import UsageError
+from cli import UsageError
 
 # ----------------------------------------------------------------------------------------------------
 # Topology (MediaPipe FaceMesh, from mp.solutions.face_mesh_connections, shipped in the wheel)
@@ -173,6 +175,21 @@ def load_image_rgb(path) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence the process's stderr (file descriptor 2) for a while: MediaPipe's C++ graph logs warnings that
+    look like errors (TFLite delegates, feedback tensors) and no environment variable turns them off."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class FaceMeshDetector:
     """MediaPipe FaceMesh with iris refinement (478 points).
 
@@ -182,17 +199,19 @@ class FaceMeshDetector:
 
     def __init__(self, static_image_mode: bool, max_num_faces: int = 4,
                  min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=static_image_mode, max_num_faces=max_num_faces, refine_landmarks=True,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence)
+        with quiet_stderr():
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=static_image_mode, max_num_faces=max_num_faces, refine_landmarks=True,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence)
 
     def detect(self, image_rgb: np.ndarray) -> np.ndarray | None:
         """uint8 RGB (H,W,3) -> float32 (478,3) pixel landmarks of the largest face, or None."""
         image_rgb = np.asarray(image_rgb)
         if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
             raise ValueError(f"detect expects uint8 RGB (H,W,3), got {image_rgb.dtype} {image_rgb.shape}")
-        result = self._mesh.process(np.ascontiguousarray(image_rgb))
+        with quiet_stderr():
+            result = self._mesh.process(np.ascontiguousarray(image_rgb))
         if not result.multi_face_landmarks:
             return None
         h, w = image_rgb.shape[:2]
@@ -205,7 +224,8 @@ class FaceMeshDetector:
         return faces[int(np.argmax(areas))].astype(np.float32)
 
     def close(self) -> None:
-        self._mesh.close()
+        with quiet_stderr():
+            self._mesh.close()
 
     def __enter__(self) -> "FaceMeshDetector":
         return self
@@ -314,7 +334,8 @@ def detect_video(frames, max_gap: int = 5, smooth: int = 0, progress: bool = Fal
     """
     detections = []
     with FaceMeshDetector(static_image_mode=False, max_num_faces=max_num_faces) as detector:
-        for i, frame in enumerate(tqdm(frames, desc="landmarks", unit="frame", disable=not progress)):
+        for i, frame in enumerate(tqdm(frames, desc="landmarks", unit="frame", disable=not progress,
+                                            file=sys.stdout)):
             detections.append(detector.detect(to_rgb_uint8(frame, f"video frame {i}")))
     if not detections:
         raise UsageError("the video has no frames; give a video with at least one frame")

@@ -2,45 +2,44 @@
 
 A thin command line around the cascade in dreamhead.py ([Cascade]): `DreamHead.from_checkpoints` builds it,
 `generate` detects the face, crops it, builds P̄ and runs A2L, and `write_video` renders with L2I, pastes the
-mouth back and streams an H.264 + AAC mp4 (25 fps, frames = ceil(seconds x 25)) to a temporary file that is
-renamed into place. A video instead of a photo dubs it (driving-video mode). `--landmarks` replaces A2L by
-given per-frame landmarks; `--debug` writes input | landmarks | output side by side.
+mouth back and streams an H.264 + AAC mp4 (25 fps, frames = ceil(seconds x 25)) with the user's own sound to a
+temporary file that is renamed into place. A video instead of a photo dubs it (driving-video mode).
+`--landmarks` replaces A2L by given per-frame landmarks; `--debug` writes input | landmarks | output side by side.
+
+Flags and the input paths are checked before torch, MediaPipe and the models load (they are imported after the
+arguments are parsed), so `--help` and bad flags answer at once; every failure is one line on stderr (cli.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
 
-import numpy as np
-import torch
-
-from common import UsageError, atomic_write, check_writable, run_cli, save_png
-from audio import load_audio
-from dreamhead import DreamHead, load_face, load_landmarks
+from cli import ArgumentParser, UsageError, float_flag, int_flag, odd_window, run_cli, seed_flag
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("audio", help="speech: wav / flac / ogg, any sample rate or channel count")
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("audio", help="speech: wav / flac / ogg / m4a, or a video whose sound is used; any sample rate "
+                   "or channel count")
     p.add_argument("face", help="a photo with a clearly visible face (png / jpg, any size; the largest face is "
                    "used) or a video to dub (mp4 / mov / avi / mkv / webm)")
     p.add_argument("--out", default="out.mp4", help="output mp4 (written to a temporary file, then renamed)")
     for stage in ("a2l", "vae", "l2i"):
         p.add_argument(f"--{stage}", default=None, help=f"{stage.upper()} checkpoint (default: "
                        f"checkpoints/{stage}_tiny.pt when shipped, else runs/{stage}/ckpt.pt)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps of both stages (default: each config's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale of both stages "
-                   "(Ho & Salimans 2022; 1 = off; default: each config's)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same video")
-    p.add_argument("--batch", type=int, default=16, help="frames per L2I batch (memory vs speed)")
+    p.add_argument("--steps", type=int_flag(1), default=None, help="DDIM steps of both stages, at most each "
+                   "model's diffusion timesteps (default: each config's)")
+    p.add_argument("--guidance", type=float_flag, default=None, help="classifier-free guidance scale of both "
+                   "stages (Ho & Salimans 2022; 1 = off; default: each config's)")
+    p.add_argument("--seed", type=seed_flag, default=0, help="the same seed gives the same video (0 .. 2^64-1)")
+    p.add_argument("--batch", type=int_flag(1), default=16, help="frames per L2I batch (memory vs speed)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
-    p.add_argument("--smooth", type=int, default=0, help="odd centred moving-average window over the predicted "
-                   "landmarks (0 = off)")
-    p.add_argument("--max-size", type=int, default=720, help="long side of the output video in px")
+    p.add_argument("--smooth", type=odd_window, default=0, help="odd centred moving-average window over the "
+                   "predicted landmarks (0 = off)")
+    p.add_argument("--max-size", type=int_flag(64), default=720, help="long side of the output video in px (it "
+                   "only shrinks larger inputs)")
     p.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="how the face crop is "
                    "shrunk to the model's size: bilinear sampling keeps aliased, crisper detail; area averages like "
-                   "the training frames. With the shipped models bilinear reads better (MediaPipe opening "
-                   "correlation on 4 held-out clips 0.69 / 0.76 at seeds 0 / 1, area 0.61 / 0.64; README)")
+                   "the training frames. With the shipped models bilinear reads better (README)")
     p.add_argument("--save-landmarks", default=None, help="write the driving landmarks in the face file's pixel "
                    "coordinates, (T, 478, 3) float32, to this .npy")
     p.add_argument("--landmarks", default=None, help="drive L2I with these landmarks instead of A2L's: a .npy "
@@ -51,16 +50,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.out.endswith(".mp4"):
         raise UsageError(f"--out {args.out} must end in .mp4")
-    for name in ("batch", "max_size") + (("steps",) if args.steps is not None else ()):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_size < 64:
-        raise UsageError(f"--max-size must be at least 64 px, got {args.max_size}")
+    for flag, path in (("audio", args.audio), ("face", args.face), ("--landmarks", args.landmarks)):
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"the {flag} file {path} does not exist; check the path")
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"the {flag} path {path} is a folder, not a file; give a file")
     return args
 
 
 def strip_picture(talk, count: int = 8):
     """(on_frames callback, picture): collects `count` evenly spaced output frames as two rows of four."""
+    import numpy as np
     at, kept = set(np.linspace(0, talk.num_frames - 1, min(count, talk.num_frames)).round().astype(int).tolist()), []
 
     def on_frames(start, frames):
@@ -75,15 +75,27 @@ def strip_picture(talk, count: int = 8):
 
 def main(argv=None):
     args = parse_args(argv)
+    # heavy imports only now, after the arguments (and the input paths) were checked
+    import numpy as np
+    import torch
+
+    from audio import load_audio
+    from common import atomic_write, check_writable, save_png
+    from dreamhead import DreamHead, load_face, load_landmarks
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     for path in [args.out] + [p for p in (args.save_landmarks, args.strip) if p]:
         check_writable(path)  # fail now, not after the work
-    wave = load_audio(args.audio)  # (S,) 16 kHz mono; UsageError on missing / corrupt / empty / NaN audio
-    face = load_face(args.face, args.max_size)  # UsageError when missing, unreadable, face-less or too small
+    print(f"reading {args.audio}", flush=True)
+    wave = load_audio(args.audio)  # (S,) 16 kHz mono; UsageError on missing / corrupt / too short / NaN audio
+    print(f"finding the face in {args.face}", flush=True)
+    face = load_face(args.face, args.max_size)  # UsageError when unreadable, face-less or too small
     given = load_landmarks(args.landmarks) if args.landmarks else None
+    print("loading the models", flush=True)
     model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i, args.device)
     talk = model.generate(wave, face, given, steps=args.steps, guidance=args.guidance, seed=args.seed,
                           batch=args.batch, smooth=args.smooth, crop_filter=args.crop_filter, debug=args.debug,
                           progress=True)
+    talk.audio_file = args.audio  # the user's own sound becomes the sound track, untouched
     if args.save_landmarks:
         atomic_write(args.save_landmarks, lambda tmp: np.save(open(tmp, "wb"), talk.landmarks))
     on_frames, picture = strip_picture(talk) if args.strip else (None, None)
@@ -94,5 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     run_cli(main)

@@ -8,11 +8,21 @@ project's clip format (`clips.py`): an mp4 (H.264 + AAC, 25 fps) and an npz with
 plus the synthetic extras text, phonemes (P, 2) float32 start/end seconds and phoneme_ipa (P,); T =
 ceil(duration * 25) with duration = len(audio) / 16000.
 
+A folder of clips records what it was made with in synth.json (`check_settings`), so a folder of other
+settings is refused rather than silently extended; pool workers end with their parent (`_worker_init`).
+
 `ensure_synthetic` generates a split into the cache on first use; `clips_or_synthetic` is what training and
 evaluation call: a clip folder when the user gives one, else the synthetic split.
 """
+import ctypes
+import glob
+import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -20,12 +30,18 @@ from tqdm import tqdm
 
 import clips
 import landmarks
-from common import UsageError
+from cli import UsageError
+from common import atomic_write
 from synth_face import EXTRA_IDENTITIES_START, TEST_IDENTITIES, TRAIN_IDENTITIES, identity_texture, render_clip, \
     _triangulation
 from synth_speech import FPS, SAMPLE_RATE, articulation, blink_track, pose_track, speech_clip
 
 EXAMPLE = dict(seed=0, index=16, split="test")  # the shipped example: a held-out identity (18), a held-out sentence
+# Bump when make_clip gives other clips for the same (seed, index, split, size): a folder made by another version
+# is refused. 1: before synth.json (the breathy voices f2, f3, f5 were not reproducible); 2: all voices are.
+GENERATOR_VERSION = 2
+SETTINGS_FILE = "synth.json"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True, face_iod=0.0):
@@ -83,28 +99,102 @@ def _synth_one(job):
     return stem + ".npz"
 
 
+# ------------------------------------------------------------------------------------------------------------
+# The settings a folder was generated with (synth.json)
+# ------------------------------------------------------------------------------------------------------------
+
+def _read_settings(path):
+    try:
+        with open(path) as f:
+            found = json.load(f)
+        if not isinstance(found, dict):
+            raise ValueError("not a JSON object")
+        return found
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {path} ({err}); delete the folder or generate into another one") from None
+
+
+def check_settings(out, seed, split, size):
+    """Refuse the folder `out` when its synth.json records other settings; write synth.json into a folder
+    without clips. A folder with clips and no synth.json (made before the file existed) is accepted as it is:
+    nothing says what it was made with."""
+    wanted = {"generator": GENERATOR_VERSION, "seed": int(seed), "split": split, "size": int(size)}
+    path = os.path.join(out, SETTINGS_FILE)
+    if os.path.exists(path):
+        found = _read_settings(path)
+        differs = [f"{key} {found.get(key)} (not {value})" for key, value in wanted.items() if found.get(key) != value]
+        if differs:
+            raise UsageError(f"{out} holds clips made with other settings: {', '.join(differs)} per its "
+                             f"{SETTINGS_FILE}; delete the folder or generate into another one")
+    elif not glob.glob(os.path.join(out, "clip_*")):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(wanted, f, indent=1)
+        atomic_write(path, write)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Workers that end with their parent
+# ------------------------------------------------------------------------------------------------------------
+
+def _die_with_parent():
+    """Linux: have the kernel send this process SIGTERM when its parent dies, however it dies (a SIGKILL runs
+    no handler, so the parent cannot stop its workers itself). False where prctl is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent):
+    """Fallback without prctl: a worker idle in the pool's queue never notices a dead parent (it holds both ends
+    of the pipes), so poll: once the parent is gone the worker has been re-parented."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _worker_init(parent):
+    """Pool initializer: end with the parent process `parent`; leave Ctrl-C to the parent, which terminates the
+    pool (else every worker prints its own KeyboardInterrupt traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not _die_with_parent():
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before prctl took effect: no signal will come
+        os._exit(1)
+
+
+def _pool(workers):
+    return multiprocessing.get_context("spawn").Pool(workers, _worker_init, (os.getpid(),))
+
+
 def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True):
-    """Generate `count` clips into `out` (existing ones are kept); returns the npz paths in order."""
+    """Generate `count` clips into `out` (existing ones are kept); returns the npz paths in order.
+
+    `out` records the settings in synth.json; a folder made with other settings is refused (UsageError)."""
     if count < 1 or size < 64:
         raise UsageError("need --clips >= 1 and --size >= 64")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create {out}: {err.strerror}; choose a writable --out folder") from None
+    check_settings(out, seed, split, size)
     jobs = [(out, seed, i, split, size) for i in range(count)]
-    bar = tqdm(total=count, desc=f"synth {split}", unit="clip", disable=not progress)
-    if workers <= 1:
-        paths = []
-        for job in jobs:
-            paths.append(_synth_one(job))
-            bar.update()
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            paths = []
+    paths = []
+    with tqdm(total=count, desc=f"synth {split}", unit="clip", disable=not progress) as bar:
+        if workers <= 1:
+            for job in jobs:
+                paths.append(_synth_one(job))
+                bar.update()
+            return paths
+        # leaving this block by an exception (Ctrl-C; SIGTERM, which run_cli turns into KeyboardInterrupt)
+        # terminates the workers: Pool.__exit__ calls terminate()
+        with _pool(workers) as pool:
             for path in pool.imap(_synth_one, jobs):
                 paths.append(path)
                 bar.update()
-    bar.close()
     return paths
 
 
@@ -113,6 +203,7 @@ def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=2
     folder = os.path.join(root, f"{split}_{count}_{seed}" + ("" if size == 256 else f"_{size}px"))
     paths = [os.path.join(folder, f"clip_{i:04d}.npz") for i in range(count)]
     if all(os.path.exists(p) and os.path.exists(p[:-4] + ".mp4") for p in paths):
+        check_settings(folder, seed, split, size)
         return paths
     return synth(folder, count, seed, split, size, workers)
 

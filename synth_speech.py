@@ -87,6 +87,9 @@ class _Espeak:
             self.lib.espeak_SetParameter(param, int(value), 0)
         self.chunks, self.events = [], []
         ctypes.CDLL(None).srand(1)  # the Klatt voices draw noise from libc's rand()
+        # espeak_Initialize seeds espeak-ng's own generator with time(NULL), and the breath noise of the breathy
+        # variants (f2, f3, f5) draws from it: without a fixed seed their samples change from second to second
+        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(1))
         data = text.encode("utf-8")
         self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, espeakCHARS_UTF8
         self.lib.espeak_Synchronize()
@@ -110,14 +113,16 @@ def _in_fresh_process(fn, *args):
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: compute, send, exit without running the parent's cleanup
-        os.close(read_end)
         try:
-            payload = pickle.dumps((True, fn(*args)))
-        except BaseException as err:  # noqa: BLE001 - re-raised in the parent
-            payload = pickle.dumps((False, f"{type(err).__name__}: {err}"))
-        with os.fdopen(write_end, "wb") as pipe:
-            pipe.write(payload)
-        os._exit(0)
+            os.close(read_end)
+            try:
+                payload = pickle.dumps((True, fn(*args)))
+            except BaseException as err:  # noqa: BLE001 - re-raised in the parent
+                payload = pickle.dumps((False, f"{type(err).__name__}: {err}"))
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(payload)
+        finally:  # always exit: after an error here (a broken pipe: the parent died) this copy must not go on
+            os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         payload = pipe.read()
@@ -142,7 +147,8 @@ def _synthesize(text, voice, rate, pitch, pitch_range):
 
 
 def synthesize(text, voice="en-us", rate=175, pitch=50, pitch_range=50):
-    """Speak `text` with espeak-ng (deterministic: each call runs in a fresh forked process).
+    """Speak `text` with espeak-ng (deterministic: each call runs in a fresh forked process, with espeak-ng's
+    noise generators seeded), for every voice in VOICES with every variant in VARIANTS.
 
     Returns (wav int16 (N,) at 22050 Hz, phonemes [(start_s, end_s, ipa), ...]) where pauses are left out,
     so the gaps between phonemes are silences. Stress marks are kept in the IPA strings.

@@ -12,17 +12,21 @@ Flags: every field of the stage's config dataclass (`VAEConfig`, `A2LConfig`, `L
 block (`common.TrainConfig`) is a flag whose default comes from the chosen preset and whose help is the field's
 sentence, plus the run flags below. With no data flag the stage trains on synthetic talking heads
 (synth_clips.py) generated into cache/ on first use; `--data DIR` takes any folder of clips in the clip format
-(clips.py). The checkpoint is one dict {stage, version, config, model, ema, optimizer, step, extra, history}
-(an L2I checkpoint adds `vae`: the fingerprint and config of the VAE it was trained on) from which sample.py
-rebuilds everything.
+(clips.py). The checkpoint is one dict {stage, version, config, model, ema, optimizer, step, extra, history,
+rng} (`rng`: every rank's random streams, so --resume continues exactly; an L2I checkpoint adds `vae`: the
+fingerprint and config of the VAE it was trained on) from which sample.py rebuilds everything. Ctrl-C and SIGTERM
+save a checkpoint and exit with code 130.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import os
+import random
+import signal
 import sys
 import time
 
@@ -34,9 +38,10 @@ from tqdm import tqdm
 
 import landmarks
 from a2l import A2L, A2LConfig, A2LWindows, compute_residual_std, predict_clips
+from cli import ArgumentParser, UsageError, float_flag, run_cli
 from clips import clip_frames
-from common import (EMA, TRAIN_FIELDS, TrainConfig, UsageError, atomic_write, load_checkpoint, lr_at, pick_device,
-                    run_cli, save_checkpoint, save_png, to_tensor_image, to_uint8_image, weights_sha1)
+from common import (EMA, TRAIN_FIELDS, TrainConfig, atomic_write, load_checkpoint, lr_at, pick_device,
+                    save_checkpoint, save_png, to_tensor_image, to_uint8_image, weights_sha1)
 from dreamhead import load_model
 from l2i import L2I, L2IConfig, L2IFrames, L2ILatents, check_vae_matches
 from metrics import landmark_metrics, plot_opening, psnr
@@ -54,13 +59,22 @@ CONFIGS = {"vae": VAEConfig, "a2l": A2LConfig, "l2i": L2IConfig}
 # Command line: dataclass fields -> flags
 # ----------------------------------------------------------------------------------------------------------
 
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in BOOLEANS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; give true or false")
+    return BOOLEANS[text.lower()]
+
+
 def _flag_type(default):
     if isinstance(default, bool):
-        return lambda s: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[s.lower()]
+        return _boolean
     if isinstance(default, tuple):
-        kind = type(default[0]) if default else int
+        kind = float_flag if default and isinstance(default[0], float) else int
         return lambda s: tuple(kind(v) for v in s.split(",") if v)
-    return type(default)
+    return float_flag if isinstance(default, float) else type(default)
 
 
 def _add_fields(group, cls, defaults, prefix: str) -> None:
@@ -106,7 +120,7 @@ def run_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser(stage: str | None, preset: str = "tiny") -> argparse.ArgumentParser:
     """The command line of one stage and preset: run flags, the config's fields and its training settings."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=tuple(CONFIGS), default=None, help="The stage to train: vae, a2l or l2i.")
     p.add_argument("--preset", default="tiny", help="Named preset of the stage's config: tiny (CPU minutes) or paper "
                    "(GPU scale).")
@@ -125,7 +139,7 @@ def build_parser(stage: str | None, preset: str = "tiny") -> argparse.ArgumentPa
 
 
 def parse_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--stage", choices=tuple(CONFIGS), default=None)
     pre.add_argument("--preset", default="tiny")
     known, _ = pre.parse_known_args(argv)
@@ -238,9 +252,10 @@ class VAEStage:
     def finish(self, model):
         """LDM's scale_by_std: latents are multiplied by 1 / std before diffusion (kept as it was when only the
         decoder is fine-tuned: the latents did not change)."""
-        if not self.config.finetune_decoder:
+        if not self.config.finetune_decoder:  # on frames of its own generator: saving draws nothing from training's
+            frames = torch.Generator().manual_seed(0)  # random streams, so a resumed run stays the uninterrupted one
             with torch.no_grad():
-                model.measure_scale_factor([self.train.random_batch(32).to(self.device) for _ in range(8)])
+                model.measure_scale_factor([self.train.random_batch(32, frames).to(self.device) for _ in range(8)])
         out = {"scale_factor": float(model.scale_factor)}
         if self.disc is not None:  # so --resume continues the adversarial game instead of restarting it
             out.update(discriminator=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
@@ -422,10 +437,76 @@ def setup_distributed(device_name: str):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+STALE_TEMPORARIES = (".ckpt.pt.*.tmp", ".loss.png.*.tmp", ".samples_*.png.*.tmp")  # common.temp_beside's names
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporaries of saves that were killed mid-write (SIGKILL, a crash): atomic_write removes its own
+    on any exception, so whatever is left in the run folder belongs to no running save."""
+    for pattern in STALE_TEMPORARIES:
+        for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
+            os.remove(path)
+
+
+def random_streams(gen: torch.Generator) -> dict:
+    """The state of every random stream a stage draws from: the batch generator (batches, the VAE's crops and
+    flips), torch's global RNG (A2L windows, L2I reference frames, the losses' noise), CUDA's, and numpy's and
+    Python's; in the checkpoint, so that --resume continues exactly as the uninterrupted run would have."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # plain ints: checkpoints load weights_only
+    return {"gen": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": numpy_state, "python": random.getstate()}
+
+
+def restore_random_streams(gen: torch.Generator, state: dict) -> None:
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and len(state["cuda"]) == torch.cuda.device_count():  # else the GPUs changed
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def global_mean(values: list[float], device: torch.device) -> float:
+    """The mean of the losses logged on every rank (each draws its own batches), not rank 0's alone; every rank
+    logs the same number of steps, so the mean of the ranks' means is the mean of all."""
+    mean = float(np.mean(values))
+    if not dist.is_initialized():
+        return mean
+    total = torch.tensor(mean, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
+
+
+def _interrupt_once(signum, frame):
+    """SIGINT and SIGTERM (`kill`, a scheduler's pre-emption) both mean: save a checkpoint and exit 130. Later
+    signals are ignored so that they cannot cut that save short: torchrun forwards the Ctrl-C or SIGTERM it got
+    to workers that got it already."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def train(args) -> str:
+    """Train one stage; returns the checkpoint's path on rank 0 (None on the others). Ctrl-C or SIGTERM saves a
+    checkpoint and exits with code 130."""
+    previous = {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _train(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
+    if rank == 0:
+        remove_stale_temporaries(args.out)
     cfg = args.config
     torch.manual_seed(args.seed + rank)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
@@ -455,20 +536,33 @@ def train(args) -> str:
         if hasattr(stage, "restore"):
             stage.restore(extra)
         ema.num_updates = step
+        saved = ckpt.get("rng") or []  # one entry per rank; rank 0's alone after an interrupt of a DDP run
+        if rank < len(saved):
+            restore_random_streams(gen, saved[rank])
+        else:  # no streams saved for this rank (or an older checkpoint): seeded by the step as well, so that it
+            torch.manual_seed(args.seed + rank + 1000 * step)  # does not replay the batches of the first steps
+            gen.manual_seed(args.seed * 1000 + rank + 1000 * step)
     loss_module = StageLoss(model, stage.loss)
     if world > 1:  # gradients are all-reduced only through DDP's forward, so the loss runs inside it
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     os.makedirs(args.out, exist_ok=True)
 
-    def checkpoint():
+    def checkpoint(interrupted=False):
+        # every rank's streams at the periodic saves, which all ranks reach together; after an interrupt the ranks
+        # are not in step (no collective is safe), so rank 0 saves its own alone
+        rng = [streams]
+        if world > 1 and not interrupted:
+            rng = [None] * world
+            dist.all_gather_object(rng, streams)
         if rank != 0:
             return
         extra.update(stage.finish(model) if hasattr(stage, "finish") else {})
         ema.copy_buffers(model)  # buffers that finish() set (e.g. the VAE's scale factor) go into the EMA too
         save_checkpoint({"stage": args.stage, "config": cfg.to_dict(), "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step, "extra": extra,
-                         "history": history, **(stage.record() if hasattr(stage, "record") else {})}, ckpt_path)
+                         "history": history, "rng": rng, **(stage.record() if hasattr(stage, "record") else {})},
+                        ckpt_path)
         plot_history(history, os.path.join(args.out, "loss.png"))
 
     def evaluate():
@@ -477,15 +571,18 @@ def train(args) -> str:
         backup = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(ema.state_dict())  # evaluate and draw the EMA weights, as sampling does
         model.eval()
-        metrics = stage.evaluate(model)
-        stage.picture(model, os.path.join(args.out, f"samples_{step:06d}.png"))
-        model.load_state_dict(backup)
-        model.train()
+        try:
+            metrics = stage.evaluate(model)
+            stage.picture(model, os.path.join(args.out, f"samples_{step:06d}.png"))
+        finally:  # also on Ctrl-C, whose checkpoint must save the trained weights as `model`, not the EMA's
+            model.load_state_dict(backup)
+            model.train()
         history.append({"kind": "eval", "step": step, **metrics})
         print(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
     bar = tqdm(total=settings.steps, initial=step, disable=rank != 0, desc=f"train {args.stage}", unit="step")
     t0, logs_acc = time.time(), []
+    streams = random_streams(gen)  # taken where a step ends: a Ctrl-C inside the next step saves what it began from
     try:
         while step < settings.steps:
             for g in opt.param_groups:
@@ -502,13 +599,14 @@ def train(args) -> str:
                 out[2]()
             ema.update(model)
             step += 1
+            streams = random_streams(gen)
             bar.update()
             logs_acc.append(logs["loss"] if "loss" in logs else float(loss))
             if step % args.log_every == 0 or step == settings.steps:
-                history.append({"kind": "train", "step": step, "loss": float(np.mean(logs_acc)),
-                                "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                                "sec_per_step": (time.time() - t0) / len(logs_acc)})
-                bar.set_postfix(loss=f"{np.mean(logs_acc):.4g}")
+                mean = global_mean(logs_acc, device)
+                history.append({"kind": "train", "step": step, "loss": mean, "grad_norm": float(grad_norm),
+                                "lr": opt.param_groups[0]["lr"], "sec_per_step": (time.time() - t0) / len(logs_acc)})
+                bar.set_postfix(loss=f"{mean:.4g}")
                 t0, logs_acc = time.time(), []
             if step % args.eval_every == 0 or step == settings.steps:
                 evaluate()
@@ -516,12 +614,11 @@ def train(args) -> str:
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()
-        checkpoint()
-        print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume)")
+        checkpoint(interrupted=True)
+        if rank == 0:  # the other ranks saved nothing, so they say nothing
+            print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume)")
         sys.exit(130)
     bar.close()
-    if world > 1:
-        dist.destroy_process_group()
     return ckpt_path if rank == 0 else None
 
 

@@ -11,7 +11,7 @@ import torch
 
 import a2l
 import audio as au
-from common import UsageError
+from cli import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = au.SAMPLE_RATE

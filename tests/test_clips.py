@@ -10,7 +10,7 @@ import clips
 import landmarks
 import synth_clips
 import train
-from common import UsageError
+from cli import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

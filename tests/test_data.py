@@ -1,9 +1,14 @@
 """Tests of data.py: espeak-ng speech, viseme tracks, rendered clips, files, splits, MediaPipe agreement."""
 
+import glob
+import json
 import math
 import os
 import re
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,9 +20,10 @@ import landmarks
 import synth_clips
 import synth_face
 import synth_speech
-from common import UsageError
+from cli import UsageError
 
 TEXT = "Papa, a map."
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,21 @@ def test_speech_phoneme_events_in_order():
     assert np.all(np.diff(starts) > 0) and np.all(ends > starts) and ends[-1] <= duration + 1e-6
     labels = [re.sub("[ˈˌː]", "", p) for _, _, p in phonemes]
     assert labels[:2] == ["m", "ɑ"] and "b" in labels and "p" in labels
+
+
+def test_every_voice_speaks_the_same_samples_twice():
+    """Every voice + variant speech_clip can draw, twice, more than a second apart: espeak-ng seeds its own noise
+    generator (the breath of f2, f3, f5) with time(NULL), so two calls within one second would agree anyway."""
+    voices = [v + ("+" + var if var else "") for v in synth_speech.VOICES for var in synth_speech.VARIANTS]
+    first = {voice: (time.monotonic(), synth_speech.synthesize(TEXT, voice, 170, 60, 60)) for voice in voices}
+    broken = []
+    for voice in voices:
+        started, (wav, phonemes) = first[voice]
+        time.sleep(max(0.0, started + 1.05 - time.monotonic()))
+        again, again_phonemes = synth_speech.synthesize(TEXT, voice, 170, 60, 60)
+        if not (np.array_equal(wav, again) and phonemes == again_phonemes):
+            broken.append(voice)
+    assert not broken
 
 
 def test_speech_clip_audio_length_and_timings():
@@ -136,6 +157,90 @@ def test_ensure_synthetic_generates_once(tmp_path):
     stamp = os.path.getmtime(paths[0])
     assert synth_clips.ensure_synthetic("test", count=1, seed=1, root=str(tmp_path), size=64, workers=1) == paths
     assert os.path.getmtime(paths[0]) == stamp
+
+
+def test_synth_records_its_settings_and_refuses_a_folder_made_with_others(tmp_path):
+    folder = str(tmp_path / "test_1_1_64px")
+    data.main(["synth", "--out", folder, "--clips", "1", "--seed", "1", "--split", "test", "--size", "64",
+               "--workers", "1"])
+    settings = os.path.join(folder, synth_clips.SETTINGS_FILE)
+    recorded = {"generator": synth_clips.GENERATOR_VERSION, "seed": 1, "split": "test", "size": 64}
+    assert json.load(open(settings)) == recorded
+    with pytest.raises(UsageError, match=r"seed 1 \(not 2\), size 64 \(not 128\).*another one"):
+        data.main(["synth", "--out", folder, "--clips", "1", "--seed", "2", "--split", "test", "--size", "128"])
+    with pytest.raises(UsageError, match=r"split test \(not train\)"):
+        synth_clips.synth(folder, 2, seed=1, split="train", size=64, workers=1, progress=False)
+    assert sorted(os.listdir(folder)) == ["clip_0000.mp4", "clip_0000.npz", synth_clips.SETTINGS_FILE]
+    json.dump({**recorded, "generator": 1}, open(settings, "w"))  # made by an older generator
+    with pytest.raises(UsageError, match=r"generator 1 \(not \d+\)"):
+        synth_clips.ensure_synthetic("test", count=1, seed=1, root=str(tmp_path), size=64, workers=1)
+    os.remove(settings)  # a cache from before synth.json: accepted as it is
+    paths = synth_clips.ensure_synthetic("test", count=1, seed=1, root=str(tmp_path), size=64, workers=1)
+    assert paths == [os.path.join(folder, "clip_0000.npz")] and not os.path.exists(settings)
+
+
+def _proc_stat(pid):
+    """(state, parent pid) of a process from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the command name in (...) may hold spaces
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _alive(pid):
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie has exited; only its exit status waits to be read
+
+
+def _live_children(pid):
+    pids = [int(path.split("/")[2]) for path in glob.glob("/proc/[0-9]*/stat")]
+    return [child for child in pids if _alive(child) and (_proc_stat(child) or ("", 0))[1] == pid]
+
+
+def _ready_workers(pid):
+    """The pool workers of `pid` that have run their initializer (it makes them ignore SIGINT): a worker that is
+    still importing cannot be stopped by anything but its own check of the parent once the import is done."""
+    ready = []
+    for child in _live_children(pid):
+        try:
+            cmdline = open(f"/proc/{child}/cmdline").read()
+            ignored = int(re.search(r"SigIgn:\s*([0-9a-f]+)", open(f"/proc/{child}/status").read())[1], 16)
+        except (OSError, TypeError):
+            continue
+        if "spawn_main" in cmdline and ignored >> (signal.SIGINT - 1) & 1:
+            ready.append(child)
+    return ready
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the workers use Linux prctl")
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_synth_workers_end_with_their_parent(tmp_path, kill):
+    log = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe: the workers share the parent's stderr
+    proc = subprocess.Popen([sys.executable, "data.py", "synth", "--out", str(tmp_path / "clips"), "--clips", "4",
+                             "--workers", "2", "--size", "64"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(_ready_workers(proc.pid)) < 2:
+            time.sleep(0.05)
+        family = _live_children(proc.pid)  # the two workers and multiprocessing's resource tracker
+        family += [grandchild for child in family for grandchild in _live_children(child)]
+        assert len(_ready_workers(proc.pid)) == 2 and proc.poll() is None, "the workers did not start"
+        proc.send_signal(kill)
+        proc.wait(timeout=30)
+        deadline = time.time() + 5
+        while time.time() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.1)
+        assert not [p for p in family if _alive(p)], "processes of the pool outlived their parent"
+        if kill == signal.SIGTERM:  # run_cli turns SIGTERM into KeyboardInterrupt: the pool is terminated
+            log.seek(0)
+            assert proc.returncode == 130 and log.read().strip().endswith("interrupted")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def test_appearance_frames_are_new_identities_for_the_vae():

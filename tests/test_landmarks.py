@@ -5,7 +5,7 @@ import skimage.data
 from scipy.spatial.transform import Rotation
 
 import landmarks as L
-from common import UsageError
+from cli import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,14 @@
 """The layering of the code: imports run one way, from the entry points down to the ground floor.
 
-    floor 0  diffusion, common                         (the maths, shared blocks, run utilities)
+    floor 0  cli, diffusion, common                    (the error path, the maths, shared blocks, run utilities)
     floor 1  landmarks, clips, audio, metrics          (dense landmarks, the clip format, speech in, measures)
     floor 2  vae, a2l, l2i, synth_*                    (the stages, and the synthetic data source)
     floor 3  dreamhead                                 (the cascade)
     floor 4  train, sample, evaluate, bench, data      (entry points: nothing imports them)
 
 Every import of a project module, wherever it sits in the file, must go to a lower floor or stay on its own
-floor without a cycle; entry points never import each other; no project import hides inside a function.
+floor without a cycle; entry points never import each other; no project import hides inside a function, except
+that entry points may defer their heavy imports until their arguments are parsed (so --help answers at once).
 """
 import ast
 import glob
@@ -19,7 +20,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = {
-    "diffusion": 0, "common": 0,
+    "cli": 0, "diffusion": 0, "common": 0,
     "landmarks": 1, "clips": 1, "audio": 1, "metrics": 1,
     "vae": 2, "a2l": 2, "l2i": 2, "synth_speech": 2, "synth_face": 2, "synth_clips": 2,
     "dreamhead": 3,
@@ -64,12 +65,12 @@ def test_imports_run_down_the_floors_without_circles():
     for name, path in modules().items():
         graph[name] = set()
         for target, in_function in project_imports(path):
-            assert not in_function, f"{name}.py imports {target} inside a function"
+            assert not in_function or FLOORS[name] == ENTRY_FLOOR, f"{name}.py imports {target} inside a function"
             assert FLOORS[target] <= FLOORS[name], f"{name}.py (floor {FLOORS[name]}) imports {target} (floor " \
                                                    f"{FLOORS[target]}): imports must run down the floors"
             assert not (FLOORS[name] == FLOORS[target] == ENTRY_FLOOR), f"entry point {name}.py imports {target}.py"
             graph[name].add(target)
-    assert not graph["diffusion"], "the scheduler file must import nothing of ours"
+    assert not graph["diffusion"] and not graph["cli"], "the scheduler and the error path import nothing of ours"
     state = {}
 
     def visit(node, stack):

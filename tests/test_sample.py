@@ -135,11 +135,11 @@ def test_given_landmarks_drive_l2i_and_must_cover_the_audio(inputs, tmp_path):
 
 
 BAD = {
-    "missing_audio": "audio file not found", "empty_audio": "cannot read audio", "nan_audio": "NaN or infinite",
+    "missing_audio": "does not exist", "empty_audio": "cannot read audio", "nan_audio": "NaN or infinite",
     "corrupt_audio": "cannot read audio", "missing_image": "does not exist", "unreadable_image": "cannot read",
     "no_face": "no face found", "face_too_small": "too small", "corrupt_checkpoint": "corrupt",
     "truncated_checkpoint": "corrupt", "wrong_stage_checkpoint": "is a 'a2l' checkpoint",
-    "mismatched_vae": "does not match", "unwritable_out": "cannot write", "bad_batch": "--batch must be",
+    "mismatched_vae": "does not match", "unwritable_out": "cannot write", "bad_batch": "argument --batch",
 }
 
 

@@ -1,8 +1,11 @@
 """train.py: flags from the config dataclass, the one-dict checkpoint, resume, pictures, and user errors."""
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +14,8 @@ import torch
 import clips
 import synth_clips
 import train
-from common import CHECKPOINT_VERSION, UsageError, load_checkpoint, save_checkpoint, weights_sha1
+from cli import UsageError
+from common import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint, weights_sha1
 from dreamhead import DreamHead, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +95,136 @@ def test_vae_run_writes_checkpoint_pictures_and_resumes(clip_dirs, tmp_path):
     assert any(not torch.equal(first[k], resumed["model"][k]) for k in first)
 
 
+def interrupt_on_call(monkeypatch, cls, name, call):
+    """Make cls.name raise KeyboardInterrupt on its call-th call, after doing its work: a Ctrl-C while it ran."""
+    original, calls = getattr(cls, name), []
+
+    def interrupted(self, *args):
+        out = original(self, *args)
+        calls.append(name)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return out
+    monkeypatch.setattr(cls, name, interrupted)
+
+
+def assert_same_weights(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+EXACT = ("--steps", "4", "--device", "cpu")  # bitwise on CPU without torch.use_deterministic_algorithms
+
+
+@pytest.fixture(scope="module")
+def vae_4_steps(clip_dirs, tmp_path_factory):
+    """The checkpoint of an uninterrupted 4-step tiny VAE run, which interrupted and resumed runs must equal."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    return load_checkpoint(train.train(train.parse_args(run_args(clip_dirs, tmp, *EXACT))), "vae")
+
+
+def test_resume_after_ctrl_c_mid_step_is_exactly_the_uninterrupted_run(clip_dirs, tmp_path, vae_4_steps, monkeypatch):
+    args = run_args(clip_dirs, tmp_path, *EXACT)
+    interrupt_on_call(monkeypatch, train.VAEStage, "batch", 3)  # in step 3, its batch drawn; after step 2's save
+    with pytest.raises(SystemExit) as stop:
+        train.train(train.parse_args(args))
+    assert stop.value.code == 130 and load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 2
+    monkeypatch.undo()
+    resumed = load_checkpoint(train.train(train.parse_args(args + ["--resume"])), "vae")
+    assert_same_weights(resumed, vae_4_steps)  # bitwise: every random stream continued where it was
+    losses = lambda ckpt: [h["loss"] for h in ckpt["history"] if h["kind"] == "train"]
+    assert losses(resumed) == losses(vae_4_steps)
+
+
+def test_ctrl_c_during_evaluation_saves_the_trained_weights_not_the_ema(clip_dirs, tmp_path, vae_4_steps,
+                                                                        monkeypatch):
+    args = run_args(clip_dirs, tmp_path, *EXACT)
+    interrupt_on_call(monkeypatch, train.VAEStage, "evaluate", 1)  # step 2's evaluation, on the EMA weights
+    with pytest.raises(SystemExit) as stop:
+        train.train(train.parse_args(args))
+    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "vae")
+    assert stop.value.code == 130 and ckpt["step"] == 2
+    assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["ema"])
+    monkeypatch.undo()
+    assert_same_weights(load_checkpoint(train.train(train.parse_args(args + ["--resume"])), "vae"), vae_4_steps)
+
+
+def test_a2l_resume_is_exactly_the_uninterrupted_run(clip_dirs, tmp_path, monkeypatch):
+    """A2L draws from torch's global RNG too (window starts, diffusion noise and timesteps)."""
+    tiny = ["--stage", "a2l", "--width", "32", "--pairs", "1", "--heads", "2", "--window", "8", "--overlap", "2",
+            "--batch-size", "2", "--sample-steps", "2", *EXACT, "--log-every", "1", "--eval-every", "2",
+            "--save-every", "2", "--data", clip_dirs[0], "--eval-data", clip_dirs[1],
+            "--cache", str(tmp_path / "cache")]
+    whole = load_checkpoint(train.train(train.parse_args(tiny + ["--out", str(tmp_path / "whole")])), "a2l")
+    parts = tiny + ["--out", str(tmp_path / "parts")]
+    interrupt_on_call(monkeypatch, train.A2LStage, "loss", 3)  # in step 3, after its noise was drawn
+    with pytest.raises(SystemExit):
+        train.train(train.parse_args(parts))
+    monkeypatch.undo()
+    assert_same_weights(load_checkpoint(train.train(train.parse_args(parts + ["--resume"])), "a2l"), whole)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130_leaving_no_temporaries(clip_dirs, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *run_args(clip_dirs, tmp_path, "--steps", "100000", "--save-every", "1",
+                                                 "--eval-every", "100000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # a few more steps, so the signal may land inside a save
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved" in out and "Traceback" not in err
+    assert load_checkpoint(str(run / "ckpt.pt"), "vae")["step"] >= 1
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+
+
+def test_train_itself_turns_sigterm_into_ctrl_c_and_later_signals_cannot_cut_the_save_short(clip_dirs, tmp_path,
+                                                                                           monkeypatch):
+    """train() called from Python (no run_cli around it) handles SIGTERM too; torchrun forwards the signal it got
+    to workers that got it already, so the save ignores further ones."""
+    def caller_handler(signum, frame):
+        raise AssertionError("train() left SIGTERM to its caller")
+    previous = signal.signal(signal.SIGTERM, caller_handler)
+    try:
+        monkeypatch.setattr(train.VAEStage, "batch", lambda self, gen: os.kill(os.getpid(), signal.SIGTERM))
+        save = train.save_checkpoint
+
+        def save_amid_signals(ckpt, path):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            save(ckpt, path)
+        monkeypatch.setattr(train, "save_checkpoint", save_amid_signals)
+        with pytest.raises(SystemExit) as stop:
+            try:
+                train.train(train.parse_args(run_args(clip_dirs, tmp_path, "--steps", "4")))
+            except KeyboardInterrupt:  # not to pytest, which would end the whole session
+                pytest.fail("a later signal cut the save short")
+        assert stop.value.code == 130 and load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 0
+        assert signal.getsignal(signal.SIGTERM) is caller_handler  # restored on the way out
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_temporaries_of_killed_saves_are_removed_at_the_start(clip_dirs, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [".ckpt.pt.k3j_x9.tmp", ".loss.png.a1b2c3.tmp", ".samples_000500.png.zz9.tmp"]
+    kept = ["notes.tmp", ".ckpt.pt.bak", ".other.pt.k3j_x9.tmp"]  # not temporaries of this run's saves
+    for name in stale + kept:
+        (run / name).write_bytes(b"partial")
+    train.train(train.parse_args(run_args(clip_dirs, tmp_path, "--steps", "1")))
+    assert not [f for f in stale if os.path.exists(run / f)]
+    assert all(os.path.exists(run / f) for f in kept)
+
+
 def test_checkpoint_errors_are_usage_errors(tmp_path):
     path = str(tmp_path / "c.pt")
     save_checkpoint({"stage": "vae", "config": {}, "model": {}}, path)
@@ -163,7 +297,65 @@ def test_ddp_on_cpu_with_gloo_under_torchrun(clip_dirs, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("saved ") == 1  # rank 0 alone writes the checkpoint
-    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "vae")["step"] == 3
+    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "vae")
+    assert ckpt["step"] == 3
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["gen"], ckpt["rng"][1]["gen"])  # each its own
+
+
+LOSS_RECORDER = """
+import os
+import train
+loss = train.VAEStage.loss
+
+
+def recorded(self, model, x, step):  # each rank's own loss, which the logged one must be the mean of
+    out = loss(self, model, x, step)
+    with open(os.environ["LOSSES"], "a") as f:
+        f.write(f"{step} {out[1]['loss']!r}\\n")
+    return out
+
+
+train.VAEStage.loss = recorded
+train.run_cli(train.main)
+"""
+
+
+def test_ddp_logs_the_mean_loss_of_all_ranks_and_sigterm_ends_every_rank_quietly(clip_dirs, tmp_path):
+    """Two gloo ranks started by hand with the environment torchrun gives them (RANK, WORLD_SIZE, MASTER_ADDR,
+    ...), so that each rank's exit code and output can be checked (torchrun reports neither after a signal);
+    each rank records its own loss, and the history must hold their mean."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-c", LOSS_RECORDER, *run_args(clip_dirs, tmp_path, "--steps", "100000", "--save-every",
+                                                          "1", "--eval-every", "100000")]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOSSES": str(tmp_path / f"loss{r}")})
+             for r in range(2)]
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "run" / "ckpt.pt").exists() and time.time() < deadline:
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
+            time.sleep(0.1)
+        time.sleep(1.0)
+        for _ in range(2):  # the signal every process gets, then the copy torchrun forwards to its workers
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        (out0, err0), (out1, err1) = (p.communicate(timeout=120) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [130, 130], err0[-2000:] + err1[-2000:]
+    assert out0.count("checkpoint saved") == 1 and out1 == ""
+    assert "Traceback" not in err0 + err1
+    history = [h for h in load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "vae")["history"] if h["kind"] == "train"]
+    local = [{int(i): float(v) for i, v in map(str.split, open(tmp_path / f"loss{r}"))} for r in range(2)]
+    assert history
+    for h in history:  # --log-every 1: each entry logs one loss of each rank, of step index h["step"] - 1
+        a, b = local[0][h["step"] - 1], local[1][h["step"] - 1]
+        assert a != b and h["loss"] == pytest.approx((a + b) / 2, rel=1e-12)
 
 
 def test_l2i_stage_trains_on_a_frozen_vae_and_checks_it_matches(clip_dirs, tmp_path):

@@ -1,0 +1,108 @@
+"""The one error path of every entry point (ground floor: the standard library only, so `--help` and bad flags
+answer before torch or MediaPipe load). Not a box of the paper's figure.
+
+* `UsageError`: bad user input; `run_cli` turns it into one line on stderr and exit code 2 (no traceback). A full
+  disk or a file-size limit becomes such a line too, naming the path and the free space there; Ctrl-C and
+  SIGTERM end in one line and exit code 130 after the `finally` blocks have removed temporary files.
+* `ArgumentParser`: argparse whose errors are UsageErrors (one line, not a usage block).
+* Flag types that check a value before any work starts: `int_flag`, `float_flag`, `odd_window`, `seed_flag`.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+import shutil
+import signal
+import sys
+
+SEED_LIMIT = 2**64  # torch generators take seeds in [0, 2^64)
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is larger than allowed",
+               errno.EDQUOT: "the disk quota is used up"}
+
+
+class UsageError(Exception):
+    """Bad user input: the CLI prints the message as one line and exits with code 2 (see `run_cli`)."""
+
+
+def disk_error(path: str, err: OSError) -> UsageError:
+    """A UsageError for a failed write: what went wrong, where, and how much space is free there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free in {folder}"
+    except OSError:
+        free = f"{folder} cannot be read"
+    reason = DISK_ERRORS.get(err.errno, err.strerror or type(err).__name__)
+    return UsageError(f"cannot write {path}: {reason} ({free}); free some space or choose another output path")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so every `finally` and `with` cleans up
+
+
+def run_cli(main) -> None:
+    """Run a CLI entry point: a UsageError, or an out-of-space / file-size write error, becomes one line on stderr
+    and exit code 2; Ctrl-C or SIGTERM (outside a training loop, which saves a checkpoint itself) one line and
+    exit code 130."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {disk_error(err.filename or 'the output', err)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad flag raises UsageError instead of printing the usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{message}; see {self.prog} --help")
+
+
+def int_flag(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give an integer {bound}")
+        return value
+    return parse
+
+
+def float_flag(text: str) -> float:
+    """An argparse type: a finite number (NaN and infinity are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def odd_window(text: str) -> int:
+    """An argparse type: 0 (off) or an odd window length."""
+    value = int_flag(0)(text)
+    if value > 1 and value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"{value} is even; give an odd window (or 0 for off)")
+    return value
+
+
+def seed_flag(text: str) -> int:
+    """An argparse type: a seed in [0, 2^64)."""
+    return int_flag(0, SEED_LIMIT - 1)(text)
