@@ -81,6 +81,9 @@ class A2LConfig(Config):
     lip_weight: float = option(5.0, "Loss weight of the 40 lip points against 1 for the others (MODA).")
     velocity_weight: float = option(1.0, "Weight of the L1 loss on first differences over time (MODA).")
     audio_dropout: float = option(0.1, "Probability of dropping the audio condition in training, for guidance.")
+    pbar_frame_prob: float = option(0.0, "Probability that a training window's P̄ is one random frame of its clip "
+                                    "instead of the identity's mean mesh, so A2L learns to start from the single "
+                                    "photo sample.py gets, whose mouth may be open (our choice; 0 is off).")
     train: TrainConfig = train_settings()
 
     PRESETS = {
@@ -448,14 +451,19 @@ class A2LWindows(torch.utils.data.Dataset):
 
     Canonical landmarks and the padded log-mel are computed once per clip and cached (the per-frame context
     windows are unfolded from it per item: 5x less memory than caching them). P̄ = mean canonical mesh of the
-    clip's identity over all given clips. Train: random window starts (len = sum of ceil(T / L) over clips);
-    eval: fixed windows tiling each clip, the last one shifted to its end.
-    Items: dict(landmarks (L, 478, 3), p_bar (478, 3), mel_ctx (L, C, 80)).
+    clip's identity over all given clips, or with p_bar="first_frame" the clip's first frame (what sample.py has:
+    one photo). Train: random window starts (len = sum of ceil(T / L) over clips), and with probability
+    random_frame_p a random frame of the clip as P̄ (A2LConfig.pbar_frame_prob); eval: fixed windows tiling each
+    clip, the last one shifted to its end. Items: dict(landmarks (L, 478, 3), p_bar (478, 3), mel_ctx (L, C, 80)).
     """
 
-    def __init__(self, npz_paths, window: int, train: bool = True, context_frames: int = 2, n_mels: int = 80):
+    def __init__(self, npz_paths, window: int, train: bool = True, context_frames: int = 2, n_mels: int = 80,
+                 p_bar: str = "identity", random_frame_p: float = 0.0):
+        if p_bar not in ("identity", "first_frame"):
+            raise ValueError(f"p_bar must be 'identity' or 'first_frame', got {p_bar!r}")
         npz_paths = list(npz_paths)
         self.window, self.train, self.context_frames = window, train, context_frames
+        self.p_bar_mode, self.random_frame_p = p_bar, random_frame_p
         self.clips = []          # dicts: P (T, 478, 3) canonical float32, mel (4T + 8k, 80) padded log-mel, identity
         for path in npz_paths:
             clip = self._load_clip(str(path), context_frames, n_mels)
@@ -495,7 +503,8 @@ class A2LWindows(torch.utils.data.Dataset):
             sums[key] = sums.get(key, 0) + clip["P"].sum(0)      # (478, 3)
             counts[key] = counts.get(key, 0) + clip["P"].shape[0]
         for clip in self.clips:
-            clip["p_bar"] = sums[clip["identity"]] / counts[clip["identity"]]
+            identity_mean = sums[clip["identity"]] / counts[clip["identity"]]
+            clip["p_bar"] = clip["P"][0].clone() if self.p_bar_mode == "first_frame" else identity_mean
 
     def __len__(self):
         return self._cum[-1] if self.train else len(self.items)
@@ -511,7 +520,10 @@ class A2LWindows(torch.utils.data.Dataset):
         end = start + self.window
         mel_ctx = unfold_context(clip["mel"][MEL_PER_FRAME * start:MEL_PER_FRAME * (end + 2 * self.context_frames)],
                                  self.context_frames)                  # (L, C, 80)
-        return {"landmarks": clip["P"][start:end], "p_bar": clip["p_bar"], "mel_ctx": mel_ctx}
+        p_bar = clip["p_bar"]
+        if self.train and self.random_frame_p > 0 and float(torch.rand(())) < self.random_frame_p:
+            p_bar = clip["P"][int(torch.randint(0, clip["P"].shape[0], ()))]  # one frame, as a photo would give
+        return {"landmarks": clip["P"][start:end], "p_bar": p_bar, "mel_ctx": mel_ctx}
 
 
 def compute_residual_std(dataset: A2LWindows, rel_floor: float = 0.05) -> torch.Tensor:

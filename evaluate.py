@@ -12,7 +12,9 @@ A2L ([A2L: P_0]), in canonical space (units of inter-ocular distance, IOD):
     jitter), reported next to the ground truth's own jitter;
   beside two baselines: `static` (the subject's mean landmarks P̄ on every frame) and, with
   `--regressor CKPT`, the same network trained as a deterministic regressor (the diffusion-vs-regression
-  ablation: `python train.py --stage a2l --objective regression --out runs/a2l_regression`).
+  ablation: `python train.py --stage a2l --objective regression --out runs/a2l_regression`); and the same
+  with P̄ from one photo, as sample.py runs it (`*_photo`: the canonical mesh of the clip's first frame, whose
+  mouth may be open), beside repeating that first frame (`repeat_frame0`).
 
 VAE ([L2I: E], [L2I: D]): PSNR of reconstructions over the whole frame and inside the mouth box.
 
@@ -46,7 +48,7 @@ from cli import ArgumentParser, float_flag, int_flag, run_cli, seed_flag
 from common import atomic_write, save_png, to_tensor_image, to_uint8_image
 from dreamhead import DreamHead, load_model
 from l2i import L2IFrames, L2ILatents
-from metrics import UPSCALE, corr_by_identity, landmark_metrics, measured_opening, nan_corr, plot_opening, psnr
+from metrics import UPSCALE, corr, corr_by_identity, landmark_metrics, measured_opening, nan_corr, plot_opening, psnr
 from synth_clips import clips_or_synthetic
 
 
@@ -66,9 +68,9 @@ def evaluate_a2l(models: dict, dataset, steps=None, seed=0, max_clips=None) -> t
 
 def format_table(rows: dict) -> str:
     gt_jitter = rows["ground_truth"]["jitter"]
-    lines = [f"{'method':<14} {'lip LMD %IOD':>12} {'open corr':>10} {'pooled':>8} {'jitter':>9} {'jitter/GT':>9}"]
+    lines = [f"{'method':<18} {'lip LMD %IOD':>12} {'open corr':>10} {'pooled':>8} {'jitter':>9} {'jitter/GT':>9}"]
     for name, m in rows.items():
-        lines.append(f"{name:<14} {m['lip_lmd_pct_iod']:>12.2f} {m['opening_corr']:>10.3f} "
+        lines.append(f"{name:<18} {m['lip_lmd_pct_iod']:>12.2f} {m['opening_corr']:>10.3f} "
                      f"{m['opening_corr_pooled']:>8.3f} {m['jitter']:>9.5f} {m['jitter'] / gt_jitter:>9.2f}")
     return "\n".join(lines)
 
@@ -185,6 +187,48 @@ def main_l2i(args) -> dict:
     return rows
 
 
+def user_inputs(clip: dict, folder: str) -> tuple[str, str]:
+    """What a user would give for a held-out clip: its first frame as a PNG and its sound as a wav (paths)."""
+    face, wav = os.path.join(folder, "face.png"), os.path.join(folder, "speech.wav")
+    save_png(face, clips.read_frames(clip["video"])[0])
+    soundfile.write(wav, clip["audio"], clip["sample_rate"])
+    return face, wav
+
+
+def fitted_lip_error(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the lip error (in IOD) and the mouth opening (in IOD) of `pred` (T, 478, 3) after a similarity
+    fit of its non-lip points onto the truth's, so head pose and framing do not count, only the mouth."""
+    rest = np.setdiff1d(np.arange(landmarks.NUM_LANDMARKS), landmarks.LIPS)
+    R, scale, t = landmarks.umeyama(pred[:, rest], truth[:, rest])
+    fitted = scale[:, None, None] * np.einsum("tij,tnj->tni", R, pred) + t[:, None]  # (T, 478, 3)
+    iod = landmarks.inter_ocular(truth)
+    return landmarks.lip_lmd(fitted, truth) / iod, landmarks.mouth_opening(fitted) / iod
+
+
+def main_photo(args) -> dict:
+    """A2L through the user path: each held-out clip's first frame as the photo and its sound, as sample.py gets
+    them; the landmarks the cascade drives L2I with (sample.py --save-landmarks) against the clip's true ones,
+    beside repeating the first frame. No frame is rendered."""
+    model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i, device="cpu")
+    errors, repeat_errors, corrs = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in clips_or_synthetic(args.data, "test", args.clips):
+            clip = clips.load_clip(path)
+            face, wav = user_inputs(clip, tmp)
+            pred = model.generate(wav, face, steps=args.steps, seed=args.seed).landmarks  # (T, 478, 3) photo px
+            truth = clip["landmarks"][:len(pred)]
+            error, opening = fitted_lip_error(pred, truth)
+            repeat_error, _ = fitted_lip_error(np.broadcast_to(truth[:1], truth.shape), truth)
+            errors.append(error.mean())
+            repeat_errors.append(repeat_error.mean())
+            corrs.append(corr(opening, landmarks.mouth_opening(truth) / landmarks.inter_ocular(truth)))
+    row = {"clips": len(errors), "lip_error_pct_iod": 100 * float(np.mean(errors)),
+           "repeat_frame0_pct_iod": 100 * float(np.mean(repeat_errors)),
+           "ratio_to_repeat": float(np.mean(errors) / np.mean(repeat_errors)),
+           "opening_corr": float(np.nanmean(corrs))}
+    return {"user_path": row}
+
+
 def main_sample(args) -> dict:
     """The cascade on held-out test clips as sample.py runs it: face = the clip's first frame (as a PNG), audio =
     its sentence (as a wav); MediaPipe's opening on the written mp4 against the clip's true landmarks. CPU time
@@ -195,9 +239,8 @@ def main_sample(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             clip = clips.load_clip(path)
-            face, wav, out = (os.path.join(tmp, n) for n in ("face.png", "speech.wav", "out.mp4"))
-            save_png(face, clips.read_frames(clip["video"])[0])
-            soundfile.write(wav, clip["audio"], clip["sample_rate"])
+            face, wav = user_inputs(clip, tmp)
+            out = os.path.join(tmp, "out.mp4")
             start = time.process_time()
             talk = model.generate(wav, face, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                   crop_filter=args.crop_filter)
@@ -222,8 +265,14 @@ def main_a2l(args) -> dict:
         models["regressor"] = load_model(args.regressor, "a2l")
     cfg = models["a2l"].config
     paths = clips_or_synthetic(args.data, "test", args.clips)
-    dataset = A2LWindows(paths, cfg.window, train=False, context_frames=cfg.context_frames, n_mels=cfg.n_mels)
+    kw = dict(train=False, context_frames=cfg.context_frames, n_mels=cfg.n_mels)
+    dataset = A2LWindows(paths, cfg.window, **kw)
     rows, results = evaluate_a2l(models, dataset, args.steps, args.seed)
+    # what sample.py has: one photo, so P̄ is the canonical mesh of the clip's first frame
+    photo_rows, _ = evaluate_a2l(models, A2LWindows(paths, cfg.window, p_bar="first_frame", **kw), args.steps,
+                                 args.seed)
+    rows.update({f"{name}_photo": photo_rows[name] for name in models})
+    rows["repeat_frame0"] = photo_rows["static"]
     print(f"held-out clips: {len(dataset.clips)}, frames: {sum(len(c['P']) for c in dataset.clips)}")
     print(format_table(rows))
     if args.plot:
@@ -245,13 +294,14 @@ def parse_args(argv=None):
     i.add_argument("--ckpt", nargs="+", default=["runs/l2i/ckpt.pt"], help="L2I checkpoints, name=path or path.")
     i.add_argument("--vae", default="runs/vae/ckpt.pt", help="The VAE the L2I checkpoints were trained on.")
     i.add_argument("--every", type=int_flag(1), default=4, help="Evaluate every n-th frame.")
+    o = sub.add_parser("photo", help="A2L through the user path: one photo, as sample.py --save-landmarks")
     s = sub.add_parser("sample", help="the whole cascade on held-out faces and sentences")
     s.add_argument("--videos", type=int_flag(1), default=4, help="Held-out clips to dub.")
-    for stage in ("a2l", "vae", "l2i"):
-        s.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
+    for q, stage in ((q, stage) for q in (o, s) for stage in ("a2l", "vae", "l2i")):
+        q.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
     s.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="How the face crop is "
                    "shrunk to the model's size, as sample.py --crop-filter.")
-    for q in (a, v, i, s):
+    for q in (a, v, i, s, o):
         q.add_argument("--data", default=None, help="Folder of held-out clips; by default the synthetic test split.")
         q.add_argument("--clips", type=int_flag(1), default=20, help="Synthetic held-out clips.")
         q.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
@@ -259,7 +309,7 @@ def parse_args(argv=None):
         q.add_argument("--upscale", choices=sorted(UPSCALE), default="cubic", help="Interpolation that upscales "
                        "frames before MediaPipe detection; on soft 64 px frames the opening correlation moves by a "
                        "few hundredths between them, either way (docs/experiments.md).")
-    for q in (a, i, s):
+    for q in (a, i, s, o):
         q.add_argument("--steps", type=int_flag(1), default=None, help="DDIM steps; by default the config's.")
         q.add_argument("--seed", type=seed_flag, default=0, help="Seed of the sampling noise.")
     for q in (i, s):
@@ -270,7 +320,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = {"a2l": main_a2l, "vae": main_vae, "l2i": main_l2i, "sample": main_sample}[args.stage](args)
+    run = {"a2l": main_a2l, "vae": main_vae, "l2i": main_l2i, "sample": main_sample, "photo": main_photo}
+    rows = run[args.stage](args)
     if args.stage != "a2l":
         print_rows(rows)
     if args.json:

@@ -275,7 +275,7 @@ class A2LStage:
         self.args, self.config, self.device = args, args.config, device
         kw = dict(context_frames=self.config.context_frames, n_mels=self.config.n_mels)
         self.train = A2LWindows(clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache),
-                                self.config.window, train=True, **kw)
+                                self.config.window, train=True, random_frame_p=self.config.pbar_frame_prob, **kw)
         eval_paths = clips_or_synthetic(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
         self.eval = A2LWindows(eval_paths[:4], self.config.window, train=False, **kw)  # 4 clips: a quick check
         self.residual_std = compute_residual_std(self.train)

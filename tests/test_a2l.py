@@ -420,3 +420,20 @@ def test_dataset_bad_inputs(tmp_path):
     short = write_fake_clip(tmp_path / "short.npz", 0, 0.2, 0)
     with pytest.warns(UserWarning), pytest.raises(UsageError, match="no clip"):
         a2l.A2LWindows([short], window=16)
+
+
+def test_p_bar_from_one_frame_for_the_photo_setting(tmp_path):
+    """p_bar="first_frame" is what sample.py has (one photo); random_frame_p draws a frame of the clip as P̄ in
+    training (A2LConfig.pbar_frame_prob)."""
+    paths = [write_fake_clip(tmp_path / "c0.npz", 0, 2.0, 0), write_fake_clip(tmp_path / "c1.npz", 0, 1.3, 1)]
+    photo = a2l.A2LWindows(paths, window=16, train=False, p_bar="first_frame")
+    assert all(torch.equal(clip["p_bar"], clip["P"][0]) for clip in photo.clips)
+    mean = a2l.A2LWindows(paths, window=16, train=True)
+    torch.manual_seed(0)
+    drawn = a2l.A2LWindows(paths, window=16, train=True, random_frame_p=1.0)
+    for i in range(len(drawn)):
+        p_bar = drawn[i]["p_bar"]
+        assert any((clip["P"] == p_bar).all(dim=(1, 2)).any() for clip in drawn.clips)  # one of the clip's frames
+        assert not torch.equal(p_bar, mean.clips[0]["p_bar"])
+    with pytest.raises(ValueError, match="p_bar"):
+        a2l.A2LWindows(paths, window=16, p_bar="median")
