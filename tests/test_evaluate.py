@@ -74,3 +74,17 @@ def test_l2i_row_has_the_baselines_ceilings_and_one_correlation_per_identity():
     assert 0.0 <= row["detected"] <= 1.0
     assert {"opening_corr", "opening_corr_truth_frames", "opening_corr_vae", "opening_corr_id5",
             "opening_corr_id9"} <= set(row)
+
+
+def test_fitted_lip_error_ignores_head_pose_and_sees_the_mouth():
+    """The user-path measure (evaluate.py photo): a moved, turned, scaled head costs nothing, an opened mouth does."""
+    from scipy.spatial.transform import Rotation
+    truth = np.repeat(landmarks.CANONICAL_TEMPLATE[None].astype(np.float64) * 60 + 100, 3, axis=0)  # (3, 478, 3)
+    R = Rotation.from_euler("xyz", [5, 20, -10], degrees=True).as_matrix()
+    moved = 1.3 * truth @ R.T + np.array([15.0, -7.0, 3.0])
+    error, opening = evaluate.fitted_lip_error(moved, truth)
+    assert error.max() < 1e-6
+    np.testing.assert_allclose(opening, landmarks.mouth_opening(truth) / landmarks.inter_ocular(truth), atol=1e-6)
+    opened = moved.copy()
+    opened[:, landmarks.LOWER_INNER, 1] += 10.0  # the lower lip drops
+    assert evaluate.fitted_lip_error(opened, truth)[0].min() > 0.01
