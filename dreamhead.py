@@ -46,6 +46,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = {"vae": (AutoencoderKL, VAEConfig), "a2l": (A2L, A2LConfig), "l2i": (L2I, L2IConfig)}
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MIN_EYE_DISTANCE = 12  # px in the output frame; below this the mouth is a few pixels and cannot be rendered
+MAX_WEIGHT = 1e4  # trained weights stay within a few units (the shipped ones: 1.5); a flipped exponent bit does not
 CHUNK = 1024  # output frames whose landmarks are put back into frame pixels at once (memory vs speed)
 
 
@@ -68,10 +69,12 @@ def load_model(path: str, stage: str, device="cpu", weights: str = "ema") -> tor
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise UsageError(f"{path} does not match this code's {stage} model ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:120]}); retrain it or update the code") from None
-    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point() and v.numel()
+           and not (torch.isfinite(v).all() and float(v.abs().max()) <= MAX_WEIGHT)]
     if bad:
-        raise UsageError(f"{path} has NaN or infinite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}); the "
-                         "file is damaged or the run diverged: re-download or retrain it")
+        raise UsageError(f"{path} has damaged weights: NaN, infinite or above {MAX_WEIGHT:g} in {bad[0]}"
+                         f"{' and more' if len(bad) > 1 else ''} (a flipped bit or a diverged run); re-download or "
+                         "retrain it")
     if stage == "l2i":
         model.trained_with_vae = ckpt.get("vae")
     return model.to(device).eval()

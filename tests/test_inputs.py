@@ -97,6 +97,12 @@ def files(tmp_path_factory):
     ckpt["ema"] = {k: (v + 1e-3 if k.endswith("conv_in.bias") else v) for k, v in ckpt["ema"].items()}
     f["other_vae"] = str(d / "other_vae.pt")
     save_checkpoint(ckpt, f["other_vae"])
+    ckpt = load_checkpoint(SHIPPED["l2i"], "l2i")
+    weights = ckpt["ema"]["unet.conv_in.weight"].clone()
+    weights.view(torch.int32).view(-1)[7] ^= 1 << 30  # the exponent's top bit of one weight
+    ckpt["ema"] = {**ckpt["ema"], "unet.conv_in.weight": weights}
+    f["flipped_ckpt"] = str(d / "flipped.pt")
+    save_checkpoint(ckpt, f["flipped_ckpt"])
     f["v99"] = str(d / "v99.pt")
     torch.save({**load_checkpoint(SHIPPED["a2l"], "a2l"), "version": 99}, f["v99"])
     return f
@@ -137,7 +143,8 @@ SAMPLE_CASES = {  # name: (extra arguments or a function of the files giving (au
     "truncated_checkpoint": (lambda f: (SPEECH, FACE, ["--vae", f["half_ckpt"]]), "corrupt"),
     "wrong_stage_checkpoint": (["--l2i", SHIPPED["a2l"]], "is a 'a2l' checkpoint"),
     "missing_checkpoint": (lambda f: (SPEECH, FACE, ["--a2l", f["dir"] + "/none.pt"]), "not found"),
-    "nan_weights": (lambda f: (SPEECH, FACE, ["--vae", f["nan_ckpt"]]), "NaN or infinite weights"),
+    "nan_weights": (lambda f: (SPEECH, FACE, ["--vae", f["nan_ckpt"]]), "damaged weights"),
+    "bit_flipped_weights": (lambda f: (SPEECH, FACE, ["--l2i", f["flipped_ckpt"]]), "damaged weights"),
     "future_version": (lambda f: (SPEECH, FACE, ["--a2l", f["v99"]]), "checkpoint version 99"),
     "another_vae": (lambda f: (SPEECH, FACE, ["--vae", f["other_vae"]]), "latents of another VAE"),
 }
