@@ -178,7 +178,8 @@ def load_image_rgb(path) -> np.ndarray:
 @contextlib.contextmanager
 def quiet_stderr():
     """Silence the process's stderr (file descriptor 2) for a while: MediaPipe's C++ graph logs warnings that
-    look like errors (TFLite delegates, feedback tensors) and no environment variable turns them off."""
+    look like errors (TFLite delegates, feedback tensors) and no environment variable turns them off. Python's
+    own messages in the meantime (warnings) are lost too, so keep the window to MediaPipe's work."""
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
@@ -199,19 +200,25 @@ class FaceMeshDetector:
 
     def __init__(self, static_image_mode: bool, max_num_faces: int = 4,
                  min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
-        with quiet_stderr():
+        # stderr stays silent from here to close(): MediaPipe's graph threads log on their own time, also just
+        # after process() has returned; close() joins them
+        self._quiet = contextlib.ExitStack()
+        self._quiet.enter_context(quiet_stderr())
+        try:
             self._mesh = mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=static_image_mode, max_num_faces=max_num_faces, refine_landmarks=True,
                 min_detection_confidence=min_detection_confidence,
                 min_tracking_confidence=min_tracking_confidence)
+        except BaseException:
+            self._quiet.close()
+            raise
 
     def detect(self, image_rgb: np.ndarray) -> np.ndarray | None:
         """uint8 RGB (H,W,3) -> float32 (478,3) pixel landmarks of the largest face, or None."""
         image_rgb = np.asarray(image_rgb)
         if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
             raise ValueError(f"detect expects uint8 RGB (H,W,3), got {image_rgb.dtype} {image_rgb.shape}")
-        with quiet_stderr():
-            result = self._mesh.process(np.ascontiguousarray(image_rgb))
+        result = self._mesh.process(np.ascontiguousarray(image_rgb))
         if not result.multi_face_landmarks:
             return None
         h, w = image_rgb.shape[:2]
@@ -224,8 +231,10 @@ class FaceMeshDetector:
         return faces[int(np.argmax(areas))].astype(np.float32)
 
     def close(self) -> None:
-        with quiet_stderr():
+        try:
             self._mesh.close()
+        finally:
+            self._quiet.close()
 
     def __enter__(self) -> "FaceMeshDetector":
         return self
