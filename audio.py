@@ -62,7 +62,7 @@ def normalize_loudness(wave: np.ndarray, target_rms: float = 0.05, floor_rms: fl
         return np.zeros_like(wave)
     active = block_rms > relative_gate * loudest
     gain = target_rms / math.sqrt(float((block_rms[active] ** 2).mean()))
-    top = max(float(np.abs(wave[i:i + step].astype(np.float64) * gain).max()) for i in range(0, wave.size, step))
+    top = float(np.abs(wave).max()) * gain  # = max |x * gain|: rounding a product by a positive gain is monotonic
     out = np.empty_like(wave)
     for i in range(0, wave.size, step):
         scaled = wave[i:i + step].astype(np.float64) * gain
@@ -214,16 +214,18 @@ def mel_filterbank(sr: int = SAMPLE_RATE, n_fft: int = 512, n_mels: int = 80, fm
 
 
 def mel_spectrogram(wave, n_fft: int = 512, win_length: int = 400, hop: int = HOP, n_mels: int = 80,
-                    fmin: float = 0.0, fmax: float = 8000.0, sr: int = SAMPLE_RATE) -> torch.Tensor:
+                    fmin: float = 0.0, fmax: float = 8000.0, sr: int = SAMPLE_RATE,
+                    center: bool = True) -> torch.Tensor:
     """Power mel spectrogram of (S,) or (B, S) -> (..., n_frames, n_mels), n_frames = 1 + S // hop.
-    Hann window of `win_length` zero-padded to `n_fft`, centred frames (zero padding at the ends)."""
+    Hann window of `win_length` zero-padded to `n_fft`, centred frames (zero padding at the ends; center=False:
+    frame k starts at sample k * hop, n_frames = 1 + (S - n_fft) // hop)."""
     wave = torch.as_tensor(wave)
     if not wave.is_floating_point():
         wave = wave.float()
     if wave.ndim not in (1, 2):
         raise ValueError(f"mel_spectrogram expects a wave (S,) or (B, S), got shape {tuple(wave.shape)}")
     window = torch.hann_window(win_length, periodic=True, dtype=wave.dtype, device=wave.device)
-    spec = torch.stft(wave, n_fft=n_fft, hop_length=hop, win_length=win_length, window=window, center=True,
+    spec = torch.stft(wave, n_fft=n_fft, hop_length=hop, win_length=win_length, window=window, center=center,
                       pad_mode="constant", return_complex=True)                      # (..., F, n_frames)
     power = spec.real ** 2 + spec.imag ** 2
     fb = torch.tensor(mel_filterbank(sr, n_fft, n_mels, fmin, fmax), dtype=wave.dtype, device=wave.device)
@@ -247,10 +249,11 @@ def padded_log_mel(wave, num_frames: int | None = None, context_frames: int = 2,
     keep = min(1 + wave.numel() // HOP, MEL_PER_FRAME * n_video)                      # mel frames kept
     if keep <= CHUNK_MEL_FRAMES:
         padded[pad:pad + keep] = log_mel(wave, n_mels=n_mels)[:keep]                  # (keep, n_mels)
-    for f0 in range(0, keep, CHUNK_MEL_FRAMES) if keep > CHUNK_MEL_FRAMES else ():  # long audio, a chunk at a time
+        return padded                                                               # (4T + 2 pad, n_mels)
+    for f0 in range(0, keep, CHUNK_MEL_FRAMES):                                       # long audio, a chunk at a time
         f1 = min(f0 + CHUNK_MEL_FRAMES, keep)
         padded[pad + f0:pad + f1] = _log_mel_frames(wave, f0, f1, n_mels)
-    return padded                                                                   # (4T + 2 pad, n_mels)
+    return padded
 
 
 def _log_mel_frames(wave: torch.Tensor, f0: int, f1: int, n_mels: int, n_fft: int = 512) -> torch.Tensor:
@@ -260,12 +263,7 @@ def _log_mel_frames(wave: torch.Tensor, f0: int, f1: int, n_mels: int, n_fft: in
     segment = torch.zeros(hi - lo, dtype=wave.dtype)
     a, b = max(lo, 0), min(hi, wave.numel())
     segment[a - lo:b - lo] = wave[a:b]
-    window = torch.hann_window(400, periodic=True, dtype=wave.dtype)
-    spec = torch.stft(segment, n_fft=n_fft, hop_length=HOP, win_length=400, window=window, center=False,
-                      return_complex=True)                                            # (F, f1 - f0)
-    fb = torch.tensor(mel_filterbank(SAMPLE_RATE, n_fft, n_mels), dtype=wave.dtype)
-    mel = torch.matmul(fb, spec.real ** 2 + spec.imag ** 2).transpose(0, 1)          # (f1 - f0, n_mels)
-    return torch.log(torch.clamp(mel, min=LOG_FLOOR))
+    return log_mel(segment, n_fft=n_fft, n_mels=n_mels, center=False)               # (f1 - f0, n_mels)
 
 
 def unfold_context(padded: torch.Tensor, context_frames: int = 2) -> torch.Tensor:

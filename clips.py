@@ -264,9 +264,9 @@ class Mp4Writer:
         """Why ffmpeg stopped: UsageError for a full disk / size limit, RuntimeError otherwise."""
         code = self._proc.wait()
         err = self._proc.stderr.read().decode(errors="replace")
-        if code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "No space left" in err or "File too large" in err:
-            errnum = errno.EFBIG if code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "too large" in err \
-                else errno.ENOSPC
+        too_large = code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "File too large" in err  # a size limit
+        if too_large or "No space left" in err:
+            errnum = errno.EFBIG if too_large else errno.ENOSPC
             return disk_error(self.path, OSError(errnum, os.strerror(errnum)))
         return RuntimeError(f"ffmpeg failed on {self.path} after {self.frames} frames (exit {code}): {err[-500:]}")
 

@@ -93,19 +93,19 @@ class Face:
     P: np.ndarray
     usable: np.ndarray
     scale: float
-    name: str
 
 
 @dataclass
 class Plan:
     """Everything decided before rendering, per output frame t (T = ceil(seconds x 25)):
-    source (T,) the source frame it starts from; crop (T, 3) its face box (x0, y0, side) in frame pixels;
-    P_canon (T, 478, 3) the canonical landmarks to render; mouth (T, 4) the box blacked out and pasted back, in
-    crop pixels (x0, y0, x1, y1); pose: the source's head pose per source frame (landmarks.canonicalize), and
-    given: landmarks in frame pixels when they were given instead of A2L's (else None). Only P_canon holds 478
-    points per output frame; `image_landmarks` puts them back into the frame's pixels a chunk at a time."""
+    source (T,) the source frame it starts from; boxes (N, 3) each source frame's face box (x0, y0, side) in
+    frame pixels (`crop`: those of the output frames); P_canon (T, 478, 3) the canonical landmarks to render;
+    mouth (T, 4) the box blacked out and pasted back, in crop pixels (x0, y0, x1, y1); pose: the source's head
+    pose per source frame (landmarks.canonicalize), and given: landmarks in frame pixels when they were given
+    instead of A2L's (else None). Only P_canon holds 478 points per output frame; `image_landmarks` puts them
+    back into the frame's pixels a chunk at a time."""
     source: np.ndarray
-    crop: np.ndarray
+    boxes: np.ndarray
     P_canon: np.ndarray
     mouth: np.ndarray
     pose: dict
@@ -114,6 +114,10 @@ class Plan:
     @property
     def num_frames(self) -> int:
         return len(self.source)
+
+    @property
+    def crop(self) -> np.ndarray:
+        return self.boxes[self.source]  # (T, 3)
 
     def image_landmarks(self, idx) -> np.ndarray:
         """The driving landmarks of frames idx in the frame's pixels and the source's head pose: (n, 478, 3)."""
@@ -139,7 +143,7 @@ def load_face(path: str, max_size: int = 720) -> Face:
         if len(frames) == 0:
             raise UsageError(f"{path} has no video frames; give a video with a visible face")
         P, usable = landmarks.detect_video(frames, progress=True)  # (N, 478, 3); UsageError when no face at all
-        face = Face(frames, P, usable, w / w0, path)
+        face = Face(frames, P, usable, w / w0)
     else:
         image = landmarks.load_image_rgb(path)  # UsageError when missing or unreadable
         P = landmarks.detect_image(image, name=path)  # at full resolution; UsageError when there is no face
@@ -147,7 +151,7 @@ def load_face(path: str, max_size: int = 720) -> Face:
         scale = w / image.shape[1]
         if (h, w) != image.shape[:2]:
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        face = Face(image[None], (P * scale)[None], np.ones(1, bool), scale, path)
+        face = Face(image[None], (P * scale)[None], np.ones(1, bool), scale)
     eyes = float(landmarks.inter_ocular(face.P[face.usable]).min())
     if eyes < MIN_EYE_DISTANCE:
         raise UsageError(f"the face in {path} is too small: its eyes are {eyes:.0f} px apart in the "
@@ -316,7 +320,7 @@ class DreamHead:
         T = frames_for_duration(len(wave))
         source = pingpong(T, len(face.frames))  # (T,) source frame of each output frame
         boxes = landmarks.clip_face_boxes(face.P, self.face_iod)  # (N, 3), steadied over 9 frames for videos
-        _, pose = landmarks.canonicalize(face.P)  # (N,) the source's head pose, per source frame
+        source_canon, pose = landmarks.canonicalize(face.P)  # (N, 478, 3) and the head pose of each source frame
         given = None
         if landmarks_px is not None:
             if len(landmarks_px) < T:
@@ -325,16 +329,17 @@ class DreamHead:
             given = landmarks_px[:T].astype(np.float32) * face.scale  # (T, 478, 3) in frame px
             P_canon, _ = landmarks.canonicalize(given)
         else:
-            p_bar = landmarks.canonicalize(face.P[face.usable])[0].mean(0)  # (478, 3): the mean canonical mesh
+            p_bar = source_canon[face.usable].mean(0)  # (478, 3): the mean canonical mesh of the source
             P_canon = self.audio_to_landmarks(wave, p_bar, steps, guidance, seed, progress=progress)  # (T, 478, 3)
             if smooth > 1:
                 P_canon = landmarks.smooth_landmarks(P_canon, smooth)
-        plan = Plan(source, boxes[source], P_canon, np.empty((T, 4), np.int64), pose, given)
+        plan = Plan(source, boxes, P_canon, np.empty((T, 4), np.int64), pose, given)
         expand, size = self.l2i.config.mask_expand, self.size
         source_mouth = mouth_boxes(landmarks.to_crop(face.P, boxes, size), size, expand)  # (N, 4) crop px
+        crop = plan.crop  # (T, 3)
         for i in range(0, T, CHUNK):  # a chunk at a time: no (T, 478, 3) float64 temporaries
             idx = slice(i, i + CHUNK)
-            driving = mouth_boxes(landmarks.to_crop(plan.image_landmarks(idx), plan.crop[idx], size), size, expand)
+            driving = mouth_boxes(landmarks.to_crop(plan.image_landmarks(idx), crop[idx], size), size, expand)
             plan.mouth[idx] = union_boxes(source_mouth[source[idx]], driving)  # (n, 4)
         return plan
 
@@ -372,8 +377,7 @@ class DreamHead:
         """The output frames of a plan, uint8 (b, H, W, 3) per batch in order: each generated crop pasted back
         into its source frame (debug: input | landmarks | output side by side). crop_filter: how the face crop
         is shrunk to the model's size (bilinear sampling or area averaging, landmarks.crop_faces)."""
-        crops = landmarks.crop_faces(face.frames, landmarks.clip_face_boxes(face.P, self.face_iod), self.size,
-                                     area=crop_filter == "area")  # (N, S, S, 3)
+        crops = landmarks.crop_faces(face.frames, plan.boxes, self.size, area=crop_filter == "area")  # (N, S, S, 3)
         ref = int(np.flatnonzero(face.usable)[0])  # the reference pair: the first source frame with a face
         ref_canon = landmarks.canonicalize(face.P[ref])[0]
         done = 0
@@ -384,7 +388,8 @@ class DreamHead:
                 i = done + len(out)
                 source = face.frames[plan.source[i]]
                 # a driving-video frame without a face keeps its pixels: there is no mouth to put anything on
-                frame = paste(source, plan.crop[i], g, plan.mouth[i]) if face.usable[plan.source[i]] else source
+                frame = paste(source, plan.boxes[plan.source[i]], g, plan.mouth[i]) if face.usable[plan.source[i]] \
+                    else source
                 out.append(debug_frame(source, plan.image_landmarks([i])[0], frame) if debug else frame)
             done += len(out)
             yield np.stack(out)
