@@ -400,34 +400,40 @@ class A2L(nn.Module):
     @torch.no_grad()
     def generate(self, mel_ctx_full, p_bar, steps=None, eta=None, guidance=None, generator=None,
                  progress=False) -> torch.Tensor:
-        """Landmarks for audio of any length. mel_ctx_full (T, C, 80) from `mel_context` (or an audio.MelContext,
-        which unfolds each window only when it is sampled), p_bar (478, 3).
-        Windows of length l overlap by `overlap` frames and run one after another; the last window is shifted
-        back to end at T. Only the (T, 478, 3) output grows with T. Returns canonical landmarks (T, 478, 3)."""
+        """Landmarks for audio of any length, all at once: canonical landmarks (T, 478, 3) (see `stream`)."""
+        return torch.cat(list(self.stream(mel_ctx_full, p_bar, steps, eta, guidance, generator, progress)))
+
+    @torch.no_grad()
+    def stream(self, mel_ctx_full, p_bar, steps=None, eta=None, guidance=None, generator=None, progress=False):
+        """Landmarks for audio of any length, yielded in order as each window is sampled ([A2L: Loop]): canonical
+        landmarks (n, 478, 3) on CPU, the new frames of each window, T in all.
+        mel_ctx_full (T, C, 80) from `mel_context` (or an audio.MelContext, which unfolds each window only when it is
+        sampled and may stream its mel rows), p_bar (478, 3). Windows of length l overlap by `overlap` frames and run
+        one after another, each continuing the frames it shares with the last one; the last window is shifted back
+        to end at T. Only the last window's frames are held, so memory does not grow with T."""
         c = self.config
         if not isinstance(mel_ctx_full, MelContext):
             mel_ctx_full = torch.as_tensor(mel_ctx_full)
         p_bar = torch.as_tensor(p_bar, dtype=torch.float32).reshape(1, c.n_points, 3)   # (1, 478, 3)
-        if mel_ctx_full.ndim != 3 or mel_ctx_full.shape[1:] != (c.ctx_mel_frames, c.n_mels):
+        if mel_ctx_full.ndim != 3 or tuple(mel_ctx_full.shape[1:]) != (c.ctx_mel_frames, c.n_mels):
             raise ValueError(f"mel_ctx_full must be (T, {c.ctx_mel_frames}, {c.n_mels}), "
                              f"got {tuple(mel_ctx_full.shape)}")
         T = mel_ctx_full.shape[0]
         if T == 0:
             raise ValueError("mel_ctx_full has no frames")
         L = min(c.window, T)                                          # audio shorter than a window: one window
-        result = torch.empty(T, c.n_points, 3)                        # (T, 478, 3) on CPU
+        recent = torch.empty(0, c.n_points, 3)                        # (<= L, 478, 3): the frames before `done`
         done = 0
         starts = window_starts(T, L, min(c.overlap, L - 1))
-        if progress:
-            starts = tqdm(starts, desc="A2L windows", unit="win", file=sys.stdout)
-        for s in starts:
+        for s in tqdm(starts, desc="A2L windows", unit="win", file=sys.stdout, disable=not progress):
             held = done - s
-            prefix = result[s:done][None] if held > 0 else None       # (1, held, 478, 3)
+            prefix = recent[len(recent) - held:][None] if held > 0 else None  # (1, held, 478, 3)
             window = self.sample_window(mel_ctx_full[s:s + L][None], p_bar, steps, eta, guidance, generator,
                                         prefix)                       # (1, L, 478, 3)
-            result[done:s + L] = window[0, max(held, 0):].cpu()
+            new = window[0, max(held, 0):].cpu()                      # (s + L - done, 478, 3)
+            yield new
+            recent = torch.cat([recent, new])[-L:]
             done = s + L
-        return result
 
 
 def window_starts(T: int, L: int, overlap: int) -> list[int]:

@@ -6,9 +6,10 @@ Each measurement runs in a fresh subprocess so peak memory (max RSS) belongs to 
 a2l: sampling landmarks for audio of several lengths with `A2L.generate` (overlapping windows, [A2L: Loop]):
      wall time, seconds of compute per second of audio, frames produced (must be ceil(duration x 25)),
      peak RSS of the process and its growth over the RSS just before sampling.
-plan: the cascade up to rendering with the shipped checkpoints (`DreamHead.generate` on the example face with
-     silent audio: P̄, A2L, the per-frame crops and mouth boxes), the same columns; whether memory stays flat in
-     the audio's length (issue 17: `python bench.py plan --seconds 60 1800`).
+plan: the cascade up to rendering with the shipped checkpoints (`DreamHead.generate` on the example face with a
+     silent wav file, then one pass over the streamed plan: the sound read a minute at a time, A2L, each frame's
+     landmarks in the photo's pixels and its mouth box), the same columns; whether memory stays flat in the
+     audio's length (`python bench.py plan --seconds 60 1800`). The whole render's memory: docs/inputs.md.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
+import soundfile as sf
 import torch
 
 from a2l import A2L, A2LConfig
@@ -62,8 +65,13 @@ def plan_once(ckpt: str | None, seconds: float, steps: int | None) -> tuple:
     """The same for the cascade's plan: silent audio and the example face, with the shipped checkpoints."""
     model = DreamHead.from_checkpoints(a2l=ckpt, device="cpu")
     face = load_face(EXAMPLE_FACE)
-    wave = np.zeros(int(seconds * 16000), np.float32)
-    return lambda: model.generate(wave, face, steps=steps).num_frames
+    silence = tempfile.NamedTemporaryFile(suffix=".wav")
+    sf.write(silence.name, np.zeros(int(seconds * 16000), np.int16), 16000, subtype="PCM_16")
+
+    def work():
+        with silence:
+            return sum(len(P) for _, P in model.generate(silence.name, face, steps=steps).landmark_chunks())
+    return work
 
 
 def measure(kind: str, ckpt: str | None, seconds: float, steps: int | None, threads: int) -> dict:

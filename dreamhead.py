@@ -4,29 +4,32 @@ The two hierarchies joined, from raw inputs to frames, in one object a Python us
 
     from dreamhead import DreamHead
     model = DreamHead.from_checkpoints()                    # the shipped tiny checkpoints
-    talk = model.generate("speech.wav", "face.png")         # detection, crop, P̄ and A2L run here
-    for frames in talk:                                      # L2I + paste-back, uint8 (b, H, W, 3) batches
+    talk = model.generate("speech.wav", "face.png")         # face detection, crop and P̄ run here
+    for frames in talk:                                      # A2L, L2I, paste-back: uint8 (b, H, W, 3) batches
         ...
     model.write_video("out.mp4", talk)                       # or stream them to an mp4 (what sample.py does)
 
 Per video: MediaPipe finds the face's 478 landmarks (the largest face; a video is tracked), a square crop is
-framed the way the training frames are (landmarks.face_crop_box with the models' face_iod), the face's mean
-canonical mesh becomes P̄, and A2L (a2l.A2L.generate, overlapping windows) predicts the canonical landmarks of
-every frame from the whole audio. Per frame batch: L2I (l2i.L2I.sample, decoding through the frozen VAE)
-renders the crop from its landmark image, the reference pair (the first source frame and its landmark image,
-encoded once per video) and the crop with its mouth blacked out; each generated crop is pasted back into its
-full frame inside a feathered mouth mask, so everything outside the mouth keeps the source's pixels. Nothing
-keeps per-frame state beyond a batch, so memory does not grow with the audio's length except for the
-(T, 478, 3) landmarks. A video instead of a photo is dubbed: head pose, upper face and background follow the
-video (looped back and forth when the audio is longer), the mouth follows the new audio.
+framed the way the training frames are (landmarks.face_crop_box with the models' face_iod), and the face's mean
+canonical mesh becomes P̄. Then everything streams, in order: the sound is read a minute at a time into log-mel
+rows, A2L (a2l.A2L.stream, overlapping windows) turns them into canonical landmarks window by window, and per
+frame batch L2I (l2i.L2I.sample, decoding through the frozen VAE) renders the crop from its landmark image, the
+reference pair (the first source frame and its landmark image, encoded once per video) and the crop with its
+mouth blacked out; each generated crop is pasted back into its full frame inside a feathered mouth mask, so
+everything outside the mouth keeps the source's pixels. No array grows with the audio's length beyond a few
+numbers per frame (the source index). A video instead of a photo is
+dubbed: head pose, upper face and background follow the video (looped back and forth when the audio is longer),
+the mouth follows the new audio.
 
 Also here: `load_model`, which rebuilds any stage from its one-dict checkpoint.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -36,9 +39,9 @@ from tqdm import tqdm
 import clips
 import landmarks
 from a2l import A2L, A2LConfig
-from audio import SAMPLE_RATE, MelContext, frames_for_duration, load_audio, padded_log_mel
+from audio import SAMPLE_RATE, MelContext, Speech, log_mel_rows
 from cli import UsageError
-from common import load_checkpoint, pick_device, to_uint8_image, weights_sha1
+from common import atomic_write, load_checkpoint, pick_device, to_uint8_image, weights_sha1
 from l2i import L2I, L2IConfig, check_vae_matches, condition_images, encode_conditions, paste_back, reference_images
 from vae import AutoencoderKL, VAEConfig
 
@@ -47,7 +50,7 @@ STAGES = {"vae": (AutoencoderKL, VAEConfig), "a2l": (A2L, A2LConfig), "l2i": (L2
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MIN_EYE_DISTANCE = 12  # px in the output frame; below this the mouth is a few pixels and cannot be rendered
 MAX_WEIGHT = 1e4  # trained weights stay within a few units (the shipped ones: 1.5); a flipped exponent bit does not
-CHUNK = 1024  # output frames whose landmarks are put back into frame pixels at once (memory vs speed)
+CHUNK = 1024  # frames of given landmarks canonicalised at once (memory vs speed)
 
 
 def default_checkpoint(stage: str) -> str:
@@ -97,34 +100,62 @@ class Face:
 
 @dataclass
 class Plan:
-    """Everything decided before rendering, per output frame t (T = ceil(seconds x 25)):
-    source (T,) the source frame it starts from; boxes (N, 3) each source frame's face box (x0, y0, side) in
-    frame pixels (`crop`: those of the output frames); P_canon (T, 478, 3) the canonical landmarks to render;
-    mouth (T, 4) the box blacked out and pasted back, in crop pixels (x0, y0, x1, y1); pose: the source's head
-    pose per source frame (landmarks.canonicalize), and given: landmarks in frame pixels when they were given
-    instead of A2L's (else None). Only P_canon holds 478 points per output frame; `image_landmarks` puts them
-    back into the frame's pixels a chunk at a time."""
+    """Everything decided before rendering; the driving landmarks themselves are made as rendering goes.
+
+    source (T,): the source frame output frame t starts from (T = ceil(seconds x 25)); boxes (N, 3): each source
+    frame's face box (x0, y0, side) in frame pixels; source_mouth (N, 4): each source frame's mouth box in crop
+    pixels (x0, y0, x1, y1); pose: the source's head pose per source frame (landmarks.canonicalize); canonical: a
+    function that starts a fresh pass over the canonical landmarks to render, (n, 478, 3) chunks of frames 0..T-1
+    in order (A2L's stream, or the given landmarks canonicalised); given: the landmarks in frame pixels when they
+    were given instead of A2L's (else None); size / expand: the crop size and mouth-box margin of the L2I model.
+    `chunks()` runs a pass: no array holds 478 points per output frame, so memory does not grow with T."""
     source: np.ndarray
     boxes: np.ndarray
-    P_canon: np.ndarray
-    mouth: np.ndarray
+    source_mouth: np.ndarray
     pose: dict
+    canonical: Callable[[], Iterator[np.ndarray]]
+    size: int
+    expand: float
     given: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
         return len(self.source)
 
-    @property
-    def crop(self) -> np.ndarray:
-        return self.boxes[self.source]  # (T, 3)
-
-    def image_landmarks(self, idx) -> np.ndarray:
-        """The driving landmarks of frames idx in the frame's pixels and the source's head pose: (n, 478, 3)."""
+    def image_landmarks(self, start: int, P_canon: np.ndarray) -> np.ndarray:
+        """The driving landmarks of frames start.. (P_canon (n, 478, 3)) in the frame's pixels and the source's
+        head pose: (n, 478, 3)."""
+        idx = slice(start, start + len(P_canon))
         if self.given is not None:
             return self.given[idx]
-        pose = {k: v[self.source[idx]] for k, v in self.pose.items()}
-        return landmarks.uncanonicalize(self.P_canon[idx], pose)
+        return landmarks.uncanonicalize(P_canon, {k: v[self.source[idx]] for k, v in self.pose.items()})
+
+    def chunks(self):
+        """(start, P_canon (n, 478, 3), mouth (n, 4)) for frames 0..T-1 in order, as `canonical` makes them: the
+        mouth box blacked out and pasted back covers the source frame's mouth and the driving one's (crop px)."""
+        start = 0
+        for P_canon in self.canonical():
+            idx = slice(start, start + len(P_canon))
+            crop_P = landmarks.to_crop(self.image_landmarks(start, P_canon), self.boxes[self.source[idx]], self.size)
+            driving = mouth_boxes(crop_P, self.size, self.expand)  # (n, 4)
+            yield start, P_canon, union_boxes(self.source_mouth[self.source[idx]], driving)
+            start += len(P_canon)
+        if start != self.num_frames:
+            raise RuntimeError(f"the landmark stream made {start} frames for a plan of {self.num_frames}")
+
+    def batches(self, size: int):
+        """`chunks` regrouped into batches of `size` frames (the last one shorter): (start, P_canon, mouth)."""
+        parts, have, start = [], 0, 0
+        for _, P_canon, mouth in self.chunks():
+            parts.append((P_canon, mouth))
+            have += len(P_canon)
+            while have >= size:
+                P_all, mouth_all = (np.concatenate(a) for a in zip(*parts))
+                yield start, P_all[:size], mouth_all[:size]
+                parts, have, start = [(P_all[size:], mouth_all[size:])], have - size, start + size
+        if have:
+            P_all, mouth_all = (np.concatenate(a) for a in zip(*parts))
+            yield start, P_all, mouth_all
 
 
 def fit_size(h: int, w: int, max_size: int) -> tuple[int, int]:
@@ -234,14 +265,16 @@ def debug_frame(source: np.ndarray, P: np.ndarray, output: np.ndarray) -> np.nda
 
 @dataclass
 class Talk:
-    """One generated video, rendered lazily: iterate it for uint8 output frames (b, H, W, 3) in order (input |
-    landmarks | output with debug=True). wave: the 16 kHz model input; audio_file: the user's sound file, which
-    becomes the video's sound track as it is (the wave when there is none); landmarks: the driving landmarks
-    (T, 478, 3) in the face file's pixels (what --save-landmarks writes)."""
+    """One generated video, made lazily: iterate it for uint8 output frames (b, H, W, 3) in order (input |
+    landmarks | output with debug=True); A2L, L2I and paste-back run as the frames are asked for, so memory stays
+    flat in the audio's length. speech: the model's input (audio.Speech); audio_file: the user's sound file, which
+    becomes the video's sound track as it is (the 16 kHz wave when there is none). `landmarks` / `save_landmarks`:
+    the driving landmarks (T, 478, 3) in the face file's pixels (what --save-landmarks writes; a pass of A2L of
+    its own, giving the same landmarks as the rendering pass)."""
     model: "DreamHead"
     face: Face
     plan: Plan
-    wave: np.ndarray
+    speech: Speech
     options: dict
     audio_file: str | None = None
 
@@ -250,14 +283,32 @@ class Talk:
         return self.plan.num_frames
 
     @property
+    def seconds(self) -> float:
+        return self.speech.seconds
+
+    @property
     def frame_size(self) -> tuple[int, int]:
         H, W = self.face.frames.shape[1:3]
         return (H, 3 * W) if self.options.get("debug") else (H, W)
 
+    def landmark_chunks(self):
+        """(start, landmarks (n, 478, 3) float32 in the face file's pixels) in order."""
+        for start, P_canon, _ in self.plan.chunks():
+            yield start, (self.plan.image_landmarks(start, P_canon) / self.face.scale).astype(np.float32)
+
     @property
     def landmarks(self) -> np.ndarray:
-        chunks = [self.plan.image_landmarks(slice(i, i + CHUNK)) for i in range(0, self.num_frames, CHUNK)]
-        return (np.concatenate(chunks) / self.face.scale).astype(np.float32)
+        return np.concatenate([P for _, P in self.landmark_chunks()])
+
+    def save_landmarks(self, path: str) -> None:
+        """Write the driving landmarks as a (T, 478, 3) float32 .npy, chunk by chunk, through a temporary file."""
+        def write(tmp):
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(self.num_frames, 478, 3))
+            for start, P in self.landmark_chunks():
+                out[start:start + len(P)] = P
+                out.flush()
+            del out
+        atomic_write(path, write)
 
     def __iter__(self):
         return self.model.render(self.face, self.plan, **self.options)
@@ -302,22 +353,24 @@ class DreamHead:
         return self.l2i.null_lmk.device
 
     # ---- A2L ------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def audio_to_landmarks(self, wave: np.ndarray, p_bar: np.ndarray, steps=None, guidance=None, seed: int = 0,
-                           progress: bool = False) -> np.ndarray:
-        """A2L over a whole 16 kHz utterance: canonical landmarks (T, 478, 3), T = ceil(seconds x 25)."""
+    def landmark_stream(self, speech: Speech, p_bar: np.ndarray, steps=None, guidance=None, seed: int = 0,
+                        smooth: int = 0):
+        """A2L over a whole utterance, streamed: canonical landmarks (n, 478, 3) chunks of frames 0..T-1 in order,
+        T = ceil(seconds x 25); the log-mel is computed from the audio as the windows reach it."""
         cfg = self.a2l.config
-        padded = padded_log_mel(wave, context_frames=cfg.context_frames, n_mels=cfg.n_mels)  # (4T + 8k, 80)
-        mel_ctx = MelContext(padded, cfg.context_frames)  # (T, C, 80), unfolded a window at a time
+        rows = log_mel_rows(speech.blocks(), speech.num_samples, context_frames=cfg.context_frames,
+                            n_mels=cfg.n_mels)  # the (4T + 8k, 80) padded log-mel, a minute at a time
+        mel_ctx = MelContext(rows, cfg.context_frames, speech.num_frames, cfg.n_mels)  # (T, C, 80), read forward
         gen = torch.Generator(self.device).manual_seed(seed)
-        return self.a2l.generate(mel_ctx, torch.as_tensor(p_bar, dtype=torch.float32), steps=steps,
-                                 guidance=guidance, generator=gen, progress=progress).numpy()
+        stream = (P.numpy() for P in self.a2l.stream(mel_ctx, torch.as_tensor(p_bar, dtype=torch.float32),
+                                                     steps=steps, guidance=guidance, generator=gen))
+        return landmarks.smooth_stream(stream, smooth)
 
-    def plan(self, wave: np.ndarray, face: Face, landmarks_px: np.ndarray | None = None, steps=None,
-             guidance=None, seed: int = 0, smooth: int = 0, progress: bool = False) -> Plan:
-        """Crop boxes, P̄, the driving landmarks (A2L's, or `landmarks_px` (>= T, 478, 3) in the face file's
-        pixels) and the mouth boxes of every output frame."""
-        T = frames_for_duration(len(wave))
+    def plan(self, speech: Speech, face: Face, landmarks_px: np.ndarray | None = None, steps=None, guidance=None,
+             seed: int = 0, smooth: int = 0) -> Plan:
+        """Crop boxes, P̄, the source mouth boxes and how the driving landmarks are made: A2L's, or `landmarks_px`
+        (>= T, 478, 3) in the face file's pixels."""
+        T = speech.num_frames
         source = pingpong(T, len(face.frames))  # (T,) source frame of each output frame
         boxes = landmarks.clip_face_boxes(face.P, self.face_iod)  # (N, 3), steadied over 9 frames for videos
         source_canon, pose = landmarks.canonicalize(face.P)  # (N, 478, 3) and the head pose of each source frame
@@ -327,47 +380,40 @@ class DreamHead:
                 raise UsageError(f"the landmarks have {len(landmarks_px)} frames but the audio needs {T}; give "
                                  "one per frame at 25 fps")
             given = landmarks_px[:T].astype(np.float32) * face.scale  # (T, 478, 3) in frame px
-            P_canon, _ = landmarks.canonicalize(given)
+
+            def canonical():
+                return (landmarks.canonicalize(given[i:i + CHUNK])[0] for i in range(0, T, CHUNK))
         else:
             p_bar = source_canon[face.usable].mean(0)  # (478, 3): the mean canonical mesh of the source
-            P_canon = self.audio_to_landmarks(wave, p_bar, steps, guidance, seed, progress=progress)  # (T, 478, 3)
-            if smooth > 1:
-                P_canon = landmarks.smooth_landmarks(P_canon, smooth)
-        plan = Plan(source, boxes, P_canon, np.empty((T, 4), np.int64), pose, given)
+
+            def canonical():
+                return self.landmark_stream(speech, p_bar, steps, guidance, seed, smooth)
         expand, size = self.l2i.config.mask_expand, self.size
         source_mouth = mouth_boxes(landmarks.to_crop(face.P, boxes, size), size, expand)  # (N, 4) crop px
-        crop = plan.crop  # (T, 3)
-        for i in range(0, T, CHUNK):  # a chunk at a time: no (T, 478, 3) float64 temporaries
-            idx = slice(i, i + CHUNK)
-            driving = mouth_boxes(landmarks.to_crop(plan.image_landmarks(idx), crop[idx], size), size, expand)
-            plan.mouth[idx] = union_boxes(source_mouth[source[idx]], driving)  # (n, 4)
-        return plan
+        return Plan(source, boxes, source_mouth, pose, canonical, size, expand, given)
 
     # ---- L2I ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def render_crops(self, crops: np.ndarray, source: np.ndarray, boxes: np.ndarray, P_canon: np.ndarray,
-                     ref_crop: np.ndarray, ref_P_canon: np.ndarray, steps=None, guidance=None, seed: int = 0,
-                     batch: int = 16):
-        """L2I for T frames, batch by batch; yields uint8 (b, size, size, 3) generated crops in order.
+    def render_crops(self, crops: np.ndarray, source: np.ndarray, batches, ref_crop: np.ndarray,
+                     ref_P_canon: np.ndarray, steps=None, guidance=None, seed: int = 0):
+        """L2I, batch by batch; yields uint8 (b, size, size, 3) generated crops in order.
 
         crops: uint8 (N, size, size, 3) source crops and source (T,) int: the crop each frame starts from (a still
         photo: N = 1 and all zeros), so a looped video is never copied out to T frames;
-        boxes: (T, 4) mouth boxes (x0, y0, x1, y1) in crop pixels, blacked out to make I_mask;
-        P_canon: (T, 478, 3) canonical landmarks to render (A2L output, or given); ref_crop (size, size, 3) and
-        ref_P_canon (478, 3): the reference pair, encoded once for the whole video.
+        batches: (start, P_canon (b, 478, 3), mouth (b, 4)) in order (Plan.batches): the canonical landmarks to
+        render and the mouth boxes (x0, y0, x1, y1, crop px) blacked out to make I_mask;
+        ref_crop (size, size, 3) and ref_P_canon (478, 3): the reference pair, encoded once for the whole video.
         The same seed gives the same frames whatever the batch size (one starting noise for every frame)."""
-        size, T = self.size, len(P_canon)
-        if crops.shape[1:] != (size, size, 3) or len(source) != T or len(boxes) != T:
-            raise ValueError(f"need crops (N, {size}, {size}, 3), source ({T},) and boxes ({T}, 4), got "
-                             f"{crops.shape}, {np.shape(source)}, {np.shape(boxes)}")
+        size = self.size
+        if crops.shape[1:] != (size, size, 3):
+            raise ValueError(f"need crops (N, {size}, {size}, 3), got {crops.shape}")
         reference = encode_conditions(self.vae, reference_images(ref_crop, ref_P_canon))  # (1, C, h, w), once
         gen = torch.Generator(self.device).manual_seed(seed)
         cfg = self.l2i.config
         z_T = torch.randn((1, cfg.latent_channels, cfg.latent_size, cfg.latent_size), generator=gen,
                           device=self.device)
-        for start in range(0, T, batch):
-            idx = np.arange(start, min(start + batch, T))
-            images = condition_images(crops[source[idx]], boxes[idx], P_canon[idx])  # (b, 3, size, size) each
+        for start, P_canon, mouth in batches:
+            images = condition_images(crops[source[start:start + len(P_canon)]], mouth, P_canon)  # (b, 3, S, S)
             cond = {**reference, **encode_conditions(self.vae, images)}
             z0 = self.l2i.sample(cond, steps=steps, guidance=guidance, generator=gen, z_T=z_T)  # (b, C, h, w)
             yield to_uint8_image(self.vae.decode_latents(z0))  # (b, size, size, 3)
@@ -380,34 +426,35 @@ class DreamHead:
         crops = landmarks.crop_faces(face.frames, plan.boxes, self.size, area=crop_filter == "area")  # (N, S, S, 3)
         ref = int(np.flatnonzero(face.usable)[0])  # the reference pair: the first source frame with a face
         ref_canon = landmarks.canonicalize(face.P[ref])[0]
-        done = 0
-        for generated in self.render_crops(crops, plan.source, plan.mouth, plan.P_canon, crops[ref], ref_canon,
-                                           steps, guidance, seed, batch):  # (b, S, S, 3)
+        batches, rendering = itertools.tee(plan.batches(batch))  # tee holds the one batch between the two loops
+        for (start, P_canon, mouth), generated in zip(batches, self.render_crops(
+                crops, plan.source, rendering, crops[ref], ref_canon, steps, guidance, seed)):  # (b, S, S, 3)
+            driving = plan.image_landmarks(start, P_canon) if debug else None  # (b, 478, 3) frame px
             out = []
-            for g in generated:  # paste-back touches only the mouth region of each frame
-                i = done + len(out)
-                source = face.frames[plan.source[i]]
+            for j, g in enumerate(generated):  # paste-back touches only the mouth region of each frame
+                s = plan.source[start + j]
                 # a driving-video frame without a face keeps its pixels: there is no mouth to put anything on
-                frame = paste(source, plan.boxes[plan.source[i]], g, plan.mouth[i]) if face.usable[plan.source[i]] \
-                    else source
-                out.append(debug_frame(source, plan.image_landmarks([i])[0], frame) if debug else frame)
-            done += len(out)
+                frame = paste(face.frames[s], plan.boxes[s], g, mouth[j]) if face.usable[s] else face.frames[s]
+                out.append(debug_frame(face.frames[s], driving[j], frame) if debug else frame)
             yield np.stack(out)
 
     # ---- the whole cascade ----------------------------------------------------------------------------
     def generate(self, audio, face, landmarks_px: np.ndarray | None = None, max_size: int = 720, steps=None,
                  guidance=None, seed: int = 0, batch: int = 16, smooth: int = 0, crop_filter: str = "bilinear",
-                 debug: bool = False, progress: bool = False) -> Talk:
-        """Speech (a sound file's path, or a 16 kHz mono float wave) and a face (a photo or video path, or a
-        Face) -> a Talk: face detection, the crop, P̄ and A2L run now, L2I and paste-back when it is iterated.
-        steps / guidance apply to both stages (None: each config's); the same seed gives the same video."""
+                 debug: bool = False) -> Talk:
+        """Speech (a sound file's path, an audio.Speech, or a 16 kHz mono float wave that is the model's input as
+        it is) and a face (a photo or video path, or a Face) -> a Talk: face detection, the crop and P̄ run now,
+        A2L, L2I and paste-back as it is iterated. steps / guidance apply to both stages (None: each config's);
+        the same seed gives the same video."""
         self.check_steps(steps)
-        audio_file = os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else None
-        wave = load_audio(audio_file) if audio_file else np.asarray(audio, np.float32)
+        if isinstance(audio, (str, os.PathLike)):
+            audio = Speech(audio)
+        elif not isinstance(audio, Speech):
+            audio = Speech(np.asarray(audio, np.float32), SAMPLE_RATE, normalize=False)
         face = load_face(os.fspath(face), max_size) if isinstance(face, (str, os.PathLike)) else face
-        plan = self.plan(wave, face, landmarks_px, steps, guidance, seed, smooth, progress)
+        plan = self.plan(audio, face, landmarks_px, steps, guidance, seed, smooth)
         options = dict(steps=steps, guidance=guidance, seed=seed, batch=batch, crop_filter=crop_filter, debug=debug)
-        return Talk(self, face, plan, wave, options, audio_file)
+        return Talk(self, face, plan, audio, options, audio.path)
 
     def check_steps(self, steps) -> None:
         """UsageError when `steps` DDIM steps exceed a stage's diffusion timesteps (the sampling grid's limit)."""
@@ -421,7 +468,7 @@ class DreamHead:
         """Stream a Talk into an H.264 + AAC mp4 at 25 fps (the user's sound file as the sound track, or the 16 kHz
         wave), written to a temporary file and renamed into place; on_frames(start, frames) sees every batch
         before it is written."""
-        audio16 = None if talk.audio_file else np.clip(talk.wave * 32767, -32768, 32767).astype(np.int16)
+        audio16 = None if talk.audio_file else np.clip(talk.speech.wave() * 32767, -32768, 32767).astype(np.int16)
         with clips.Mp4Writer(path, talk.frame_size, audio16, SAMPLE_RATE, audio_file=talk.audio_file) as video, \
                 tqdm(total=talk.num_frames, desc="frames", unit="frame", disable=not progress,
                      file=sys.stdout) as bar:

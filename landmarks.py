@@ -303,6 +303,25 @@ def smooth_landmarks(P: np.ndarray, window: int) -> np.ndarray:
     return moving_average(P, window, axis=-3)
 
 
+def smooth_stream(chunks, window: int):
+    """smooth_landmarks over a sequence that arrives in chunks (n_i, 478, 3), yielded in order, each frame once the
+    window//2 frames after it have arrived: the same as smoothing the whole sequence (within float rounding),
+    holding only a chunk and 2 x window//2 frames."""
+    if window in (0, 1):
+        yield from chunks
+        return
+    half, held, past = window // 2, None, 0  # held: frames not yet yielded, after `past` frames of context
+    for chunk in chunks:
+        held = chunk if held is None else np.concatenate([held, chunk])
+        ready = len(held) - half  # frames whose half-window ahead is complete
+        if ready > past:
+            yield smooth_landmarks(held, window)[past:ready]
+            cut = max(0, ready - half)
+            held, past = held[cut:], ready - cut
+    if held is not None and len(held) > past:
+        yield smooth_landmarks(held, window)[past:]
+
+
 def moving_average(X: np.ndarray, window: int, axis: int = 0) -> np.ndarray:
     """Centred moving average of any array along `axis` (time); window odd, 0/1 = off.
 

@@ -76,33 +76,30 @@ def strip_picture(talk, count: int = 8):
 def main(argv=None):
     args = parse_args(argv)
     # heavy imports only now, after the arguments (and the input paths) were checked
-    import numpy as np
     import torch
 
-    from audio import load_audio
-    from common import atomic_write, check_writable, save_png
+    from audio import Speech
+    from common import check_writable, save_png
     from dreamhead import DreamHead, load_face, load_landmarks
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     for path in [args.out] + [p for p in (args.save_landmarks, args.strip) if p]:
         check_writable(path)  # fail now, not after the work
     print(f"reading {args.audio}", flush=True)
-    wave = load_audio(args.audio)  # (S,) 16 kHz mono; UsageError on missing / corrupt / too short / NaN audio
+    speech = Speech(args.audio)  # read through once; UsageError on missing / corrupt / too short / NaN audio
     print(f"finding the face in {args.face}", flush=True)
     face = load_face(args.face, args.max_size)  # UsageError when unreadable, face-less or too small
     given = load_landmarks(args.landmarks) if args.landmarks else None
     print("loading the models", flush=True)
     model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i, args.device)
-    talk = model.generate(wave, face, given, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                          batch=args.batch, smooth=args.smooth, crop_filter=args.crop_filter, debug=args.debug,
-                          progress=True)
-    talk.audio_file = args.audio  # the user's own sound becomes the sound track, untouched
+    talk = model.generate(speech, face, given, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                          batch=args.batch, smooth=args.smooth, crop_filter=args.crop_filter, debug=args.debug)
     if args.save_landmarks:
-        atomic_write(args.save_landmarks, lambda tmp: np.save(open(tmp, "wb"), talk.landmarks))
+        talk.save_landmarks(args.save_landmarks)
     on_frames, picture = strip_picture(talk) if args.strip else (None, None)
     model.write_video(args.out, talk, progress=True, on_frames=on_frames)
     if args.strip:
         save_png(args.strip, picture())
-    print(f"wrote {args.out}: {talk.num_frames} frames at 25 fps for {len(talk.wave) / 16000:.2f} s of audio")
+    print(f"wrote {args.out}: {talk.num_frames} frames at 25 fps for {talk.seconds:.2f} s of audio")
 
 
 if __name__ == "__main__":

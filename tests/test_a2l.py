@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
+from scipy.signal import resample_poly
 
 import a2l
 import audio as au
@@ -132,6 +132,42 @@ def test_load_audio_volume_invariant(tmp_path):
     assert np.abs(loud).max() <= 0.99 + 1e-6 and np.sqrt(np.mean(loud ** 2)) > 0.01
     quiet16 = au.load_audio(_write(tmp_path / "quiet16.wav", mono * 0.05, 16000, subtype="PCM_16"))
     np.testing.assert_allclose(quiet16, loud, atol=2e-3)
+
+
+@pytest.mark.parametrize("rate,channels", [(16000, 1), (44100, 2), (48000, 1), (8000, 1)])
+def test_streamed_audio_is_the_whole_signal_processed_at_once(tmp_path, rate, channels):
+    """Speech reads a file a block at a time (65 s: past the minute blocks); its wave is scipy's resample_poly
+    of the whole signal, loudness-normalised, and its log-mel rows are those of the whole wave."""
+    mono, _ = tone_bursts(65.0, sr=rate, seed=3, amplitude=0.3)
+    path = _write(tmp_path / "long.wav", np.stack([mono, 0.5 * mono], 1) if channels == 2 else mono, rate,
+                  subtype="PCM_16")
+    data = sf.read(path, dtype="float32", always_2d=True)[0]
+    whole = data[:, 0] if channels == 1 else data.astype(np.float64).mean(axis=1)
+    if rate != SR:
+        g = math.gcd(rate, SR)
+        whole = resample_poly(whole, SR // g, rate // g)
+    expected = au.normalize_loudness(np.asarray(whole, np.float32))
+    speech = au.Speech(path)
+    assert speech.num_samples == expected.size == math.ceil(mono.size * SR / rate)
+    np.testing.assert_allclose(speech.wave(), expected, rtol=0, atol=1e-6)
+    rows = torch.cat(list(au.log_mel_rows(speech.blocks(), speech.num_samples)))
+    keep, pad = min(1 + expected.size // au.HOP, 4 * speech.num_frames), 8
+    assert rows.shape == (4 * speech.num_frames + 2 * pad, 80)
+    torch.testing.assert_close(rows[pad:pad + keep], au.log_mel(torch.as_tensor(expected))[:keep], rtol=0,
+                               atol=1e-3)
+    assert (rows[:pad] == math.log(au.LOG_FLOOR)).all() and (rows[pad + keep:] == math.log(au.LOG_FLOOR)).all()
+
+
+def test_streamed_mel_context_reads_forward_only():
+    wave = au.normalize_loudness(tone_bursts(70.0, seed=7)[0])
+    T, full = au.frames_for_duration(wave.size), au.mel_context(au.normalize_loudness(wave))
+    ctx = au.MelContext(au.log_mel_rows([wave], wave.size), 2, T)
+    assert ctx.shape == full.shape
+    for s in list(range(0, T - 16, 12)) + [T - 16]:
+        assert torch.equal(ctx[s:s + 16], full[s:s + 16])
+        assert len(ctx.padded) <= 2 * au.CHUNK_MEL_FRAMES + 64   # the rows held: about a minute, not all
+    with pytest.raises(ValueError, match="forward"):
+        ctx[0:16]
 
 
 def test_silent_audio_gives_zeros(tmp_path):
@@ -324,6 +360,27 @@ def test_generate_any_length_holds_overlap_and_is_seeded():
     assert torch.equal(out, again) and not torch.allclose(out, other)
     short = model.generate(mel[:7], p_bar, generator=torch.Generator().manual_seed(0))
     assert short.shape == (7, 478, 3)
+
+
+def test_stream_reads_the_audio_as_it_goes_and_equals_generate():
+    """A2L.stream over a streamed MelContext yields landmarks before most of the log-mel exists, and the whole
+    stream is generate's result on the whole mel context, bit for bit."""
+    model = random_model(small_config())
+    wave = au.normalize_loudness(tone_bursts(70.0, seed=6)[0])
+    pulled = []
+
+    def rows():
+        for r in au.log_mel_rows((wave[i:i + au.STREAM_SAMPLES] for i in range(0, wave.size, au.STREAM_SAMPLES)),
+                                 wave.size):
+            pulled.append(len(r))
+            yield r
+    T, p_bar = au.frames_for_duration(wave.size), torch.randn(478, 3)
+    stream = model.stream(au.MelContext(rows(), 2, T), p_bar, generator=torch.Generator().manual_seed(0))
+    first = next(stream)
+    assert len(first) == 16 and sum(pulled) == 8 + au.CHUNK_MEL_FRAMES < 4 * T  # after the first minute only
+    streamed = torch.cat([first, *stream])
+    whole = model.generate(au.mel_context(wave), p_bar, generator=torch.Generator().manual_seed(0))
+    assert streamed.shape == (T, 478, 3) and torch.equal(streamed, whole)
 
 
 def test_prefix_steers_the_free_frames():

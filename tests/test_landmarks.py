@@ -196,6 +196,16 @@ def test_smoothing_keeps_length_and_reduces_jitter(rng=np.random.default_rng(2))
         L.smooth_landmarks(noisy, 4)
 
 
+@pytest.mark.parametrize("sizes", [[61], [1] * 61, [7, 20, 1, 3, 30], [2, 59]])
+def test_smoothing_a_stream_equals_smoothing_the_whole(sizes, rng=np.random.default_rng(3)):
+    P = rng.normal(0, 1, (61, 478, 3)).astype(np.float32)
+    chunks = np.split(P, np.cumsum(sizes)[:-1])
+    for window in (0, 3, 9):
+        streamed = list(L.smooth_stream(iter(chunks), window))
+        assert all(len(c) for c in streamed)
+        np.testing.assert_allclose(np.concatenate(streamed), L.smooth_landmarks(P, window), rtol=0, atol=1e-5)
+
+
 def test_measures_on_constructed_inputs():
     P = np.zeros((2, 478, 3))
     P[:, 33], P[:, 263] = [0, 0, 0], [3, 4, 0]
