@@ -314,6 +314,26 @@ class Talk:
         return self.model.render(self.face, self.plan, **self.options)
 
 
+class MaskedLatents:
+    """The latents of I_mask (a source crop with its mouth box blacked out), each distinct (source frame, box)
+    encoded once: a photo's frames differ only by their mouth box, which takes a few values over a video (the
+    example: 8 in 120 frames), so most frames reuse one. Holds at most `limit` latents (a few KB each)."""
+
+    def __init__(self, vae, crops: np.ndarray, limit: int = 1024):
+        self.vae, self.crops, self.limit, self.cache = vae, crops, limit, {}
+
+    def __call__(self, source: np.ndarray, boxes: np.ndarray, images: torch.Tensor) -> torch.Tensor:
+        """source (b,), boxes (b, 4) and the masked images (b, 3, S, S) -> their latents (b, C, h, w)."""
+        keys = [(int(s), *map(int, b)) for s, b in zip(source, boxes)]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))  # in order, once each
+        if missing:
+            rows = [keys.index(k) for k in missing]
+            if len(self.cache) + len(missing) > self.limit:
+                self.cache.clear()
+            self.cache.update(zip(missing, encode_conditions(self.vae, {"mask": images[rows]})["mask"]))
+        return torch.stack([self.cache[k] for k in keys])
+
+
 class DreamHead:
     """A2L (a2l.A2L) turns speech into canonical landmarks with the subject's mean mesh as P̄; L2I (l2i.L2I,
     decoding through the frozen VAE) renders each frame from its landmark image, a reference frame with its
@@ -412,9 +432,11 @@ class DreamHead:
         cfg = self.l2i.config
         z_T = torch.randn((1, cfg.latent_channels, cfg.latent_size, cfg.latent_size), generator=gen,
                           device=self.device)
+        masked = MaskedLatents(self.vae, crops)
         for start, P_canon, mouth in batches:
-            images = condition_images(crops[source[start:start + len(P_canon)]], mouth, P_canon)  # (b, 3, S, S)
-            cond = {**reference, **encode_conditions(self.vae, images)}
+            src = source[start:start + len(P_canon)]
+            images = condition_images(crops[src], mouth, P_canon)  # (b, 3, S, S) each
+            cond = {**reference, "mask": masked(src, mouth, images.pop("mask")), **encode_conditions(self.vae, images)}
             z0 = self.l2i.sample(cond, steps=steps, guidance=guidance, generator=gen, z_T=z_T)  # (b, C, h, w)
             yield to_uint8_image(self.vae.decode_latents(z0))  # (b, size, size, 3)
 
