@@ -46,7 +46,7 @@ import landmarks
 from a2l import A2LWindows, predict_clips
 from cli import ArgumentParser, float_flag, int_flag, run_cli, seed_flag
 from common import atomic_write, save_png, to_tensor_image, to_uint8_image
-from dreamhead import DreamHead, load_model
+from dreamhead import DreamHead, default_workers, load_model, share_cores
 from l2i import L2IFrames, L2ILatents
 from metrics import UPSCALE, corr, corr_by_identity, landmark_metrics, measured_opening, nan_corr, plot_opening, psnr
 from synth_clips import clips_or_synthetic
@@ -234,6 +234,7 @@ def main_sample(args) -> dict:
     its sentence (as a wav); MediaPipe's opening on the written mp4 against the clip's true landmarks. CPU time
     per second of audio counts generation and writing, not loading the models (done once)."""
     model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i)  # CUDA when present, as sample.py
+    share_cores(default_workers(model.device))  # and its render workers, as sample.py
     rows = {}
     paths = clips_or_synthetic(args.data, "test", args.clips)[: args.videos]
     with tempfile.TemporaryDirectory() as tmp:

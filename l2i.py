@@ -99,8 +99,9 @@ class L2IConfig(Config):
     train: TrainConfig = train_settings()
 
     PRESETS = {
-        "tiny": dict(train=dict(lr=5e-4, betas=(0.9, 0.999), weight_decay=0.01, warmup=200, steps=12_000,
-                                batch_size=8, ema_decay=0.999, grad_clip=1.0)),  # 64 px, CPU, under an hour
+        # 64 px, CPU, under an hour; 10 DDIM steps render in real time on 2 cores with the opening correlation of 25
+        "tiny": dict(sample_steps=10, train=dict(lr=5e-4, betas=(0.9, 0.999), weight_decay=0.01, warmup=200,
+                                                 steps=12_000, batch_size=8, ema_decay=0.999, grad_clip=1.0)),
         "paper": dict(image_size=256, latent_size=32, channels=(128, 256, 512, 512), num_res_blocks=2,
                       attn_resolutions=(32, 16, 8), heads=8, norm_groups=32, tau_min=1, tau_max=60, sample_steps=50,
                       mouth_loss_weight=1.0,

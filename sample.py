@@ -33,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=seed_flag, default=0, help="the same seed gives the same video (0 .. 2^64-1)")
     p.add_argument("--batch", type=int_flag(1), default=16, help="frames per L2I batch (memory vs speed)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--workers", type=int_flag(1), default=None, help="L2I batches rendered at once in threads, "
+                   "each on cores / workers torch threads (default: 2 on CPU with 2+ cores, 1 on CUDA; measured in "
+                   "the README)")
     p.add_argument("--smooth", type=odd_window, default=0, help="odd centred moving-average window over the "
                    "predicted landmarks (0 = off)")
     p.add_argument("--max-size", type=int_flag(64), default=720, help="long side of the output video in px (it "
@@ -76,12 +79,9 @@ def strip_picture(talk, count: int = 8):
 def main(argv=None):
     args = parse_args(argv)
     # heavy imports only now, after the arguments (and the input paths) were checked
-    import torch
-
     from audio import Speech
     from common import check_writable, save_png
-    from dreamhead import DreamHead, load_face, load_landmarks
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    from dreamhead import DreamHead, default_workers, load_face, load_landmarks, share_cores
     for path in [args.out] + [p for p in (args.save_landmarks, args.strip) if p]:
         check_writable(path)  # fail now, not after the work
     print(f"reading {args.audio}", flush=True)
@@ -91,8 +91,11 @@ def main(argv=None):
     given = load_landmarks(args.landmarks) if args.landmarks else None
     print("loading the models", flush=True)
     model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i, args.device)
+    workers = args.workers or default_workers(model.device)
+    share_cores(workers)
     talk = model.generate(speech, face, given, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                          batch=args.batch, smooth=args.smooth, crop_filter=args.crop_filter, debug=args.debug)
+                          batch=args.batch, smooth=args.smooth, crop_filter=args.crop_filter, debug=args.debug,
+                          workers=workers)
     if args.save_landmarks:
         talk.save_landmarks(args.save_landmarks)
     on_frames, picture = strip_picture(talk) if args.strip else (None, None)

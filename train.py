@@ -104,7 +104,8 @@ def run_flags(p: argparse.ArgumentParser) -> None:
                      "stage and architecture) with a fresh optimizer at step 0, e.g. for the VAE's "
                      "--finetune-decoder.")
     run.add_argument("--export", default=None, metavar="PATH", help="Do not train: write a sampling-only copy of "
-                     "<out>/ckpt.pt (EMA weights, no optimizer state) to PATH, as checkpoints/*_tiny.pt were made.")
+                     "<out>/ckpt.pt (EMA weights, no optimizer state) to PATH, as checkpoints/*_tiny.pt were made; "
+                     "its sampling settings (--sample-steps, --eta, --guidance: not learned) are this command's.")
     run.add_argument("--vae", default=None, help="VAE checkpoint of --stage l2i; by default checkpoints/vae_tiny.pt "
                      "with the tiny preset when shipped, else runs/vae/ckpt.pt.")
     run.add_argument("--device", default="auto", help="Device: auto (CUDA when present), cpu or cuda.")
@@ -622,11 +623,16 @@ def _train(args) -> str:
     return ckpt_path if rank == 0 else None
 
 
-def export(src: str, dst: str, stage: str) -> None:
+SAMPLING_FIELDS = ("sample_steps", "eta", "guidance")  # config fields that sampling reads and training does not
+
+
+def export(src: str, dst: str, stage: str, config) -> None:
     """A sampling-only copy of a checkpoint: the EMA weights as both `model` and `ema` (stored once), no
-    optimizer state; config, step, extra and history stay, so load_model and the README numbers still work."""
+    optimizer state, and the sampling settings of `config` (this command line's); the rest of the config, step,
+    extra and history stay, so load_model and the README numbers still work."""
     ckpt = load_checkpoint(src, stage)
     ckpt.update(model=ckpt["ema"], optimizer=None)
+    ckpt["config"] = {**ckpt["config"], **{k: getattr(config, k) for k in SAMPLING_FIELDS if k in ckpt["config"]}}
     save_checkpoint(ckpt, dst)
     print(f"exported {src} (step {ckpt['step']}) -> {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 
@@ -634,7 +640,7 @@ def export(src: str, dst: str, stage: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.export:
-        return export(os.path.join(args.out, "ckpt.pt"), args.export, args.stage)
+        return export(os.path.join(args.out, "ckpt.pt"), args.export, args.stage, args.config)
     path = train(args)
     if path:
         print(f"saved {path}")

@@ -61,9 +61,19 @@ def test_config_flag_help_is_the_field_sentence_and_training_settings_are_flags(
     assert args.config.train.steps == train.A2LConfig.preset("tiny").train.steps
 
 
+def test_export_takes_the_sampling_settings_of_its_command_line(tmp_path):
+    config = dict(train.L2IConfig.preset("tiny").to_dict(), sample_steps=25, guidance=1.0, channels=(8, 16))
+    save_checkpoint({"stage": "l2i", "config": config, "model": {}, "ema": {}, "optimizer": {}, "step": 3},
+                    str(tmp_path / "run.pt"))
+    args = train.parse_args(["--stage", "l2i", "--sample-steps", "7", "--guidance", "2"])
+    train.export(str(tmp_path / "run.pt"), str(tmp_path / "small.pt"), "l2i", args.config)
+    small = load_checkpoint(str(tmp_path / "small.pt"), "l2i")["config"]
+    assert (small["sample_steps"], small["guidance"], tuple(small["channels"])) == (7, 2.0, (8, 16))
+
+
 def test_export_keeps_ema_weights_and_drops_the_optimizer(clip_dirs, tmp_path):
     path = train.train(train.parse_args(run_args(clip_dirs, tmp_path, "--steps", "1")))
-    train.export(path, str(tmp_path / "small.pt"), "vae")
+    train.export(path, str(tmp_path / "small.pt"), "vae", train.VAEConfig.preset("tiny"))
     small = load_checkpoint(str(tmp_path / "small.pt"), "vae")
     assert small["optimizer"] is None and small["step"] == 1
     assert all(torch.equal(small["model"][k], v) for k, v in load_checkpoint(path)["ema"].items())
