@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float_flag, default=None, help="classifier-free guidance scale of both "
                    "stages (Ho & Salimans 2022; 1 = off; default: each config's)")
     p.add_argument("--seed", type=seed_flag, default=0, help="the same seed gives the same video (0 .. 2^64-1)")
-    p.add_argument("--batch", type=int_flag(1), default=16, help="frames per L2I batch (memory vs speed)")
+    p.add_argument("--batch", type=int_flag(1), default=16, help="most frames per L2I batch (memory vs speed; "
+                   "batches start at 1 frame and double, so the first frames come early)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--workers", type=int_flag(1), default=None, help="L2I batches rendered at once in threads, "
                    "each on cores / workers torch threads (default: 2 on CPU with 2+ cores, 1 on CUDA; measured in "
