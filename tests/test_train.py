@@ -202,6 +202,7 @@ def test_train_itself_turns_sigterm_into_ctrl_c_and_later_signals_cannot_cut_the
     def caller_handler(signum, frame):
         raise AssertionError("train() left SIGTERM to its caller")
     previous = signal.signal(signal.SIGTERM, caller_handler)
+    sigint = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when started in the background
     try:
         monkeypatch.setattr(train.VAEStage, "batch", lambda self, gen: os.kill(os.getpid(), signal.SIGTERM))
         save = train.save_checkpoint
@@ -218,7 +219,7 @@ def test_train_itself_turns_sigterm_into_ctrl_c_and_later_signals_cannot_cut_the
                 pytest.fail("a later signal cut the save short")
         assert stop.value.code == 130 and load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 0
         assert signal.getsignal(signal.SIGTERM) is caller_handler  # restored on the way out
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is sigint
     finally:
         signal.signal(signal.SIGTERM, previous)
 
