@@ -116,20 +116,18 @@ class Speech:
     yields the normalised wave in blocks of STREAM_SAMPLES, so no length of audio is held whole; `wave()` is all of
     it (S,). normalize=False takes an array that already is the model's input (16 kHz float32) as it is."""
 
-    def __init__(self, source, sample_rate: int | None = None, normalize: bool = True):
+    def __init__(self, source, sample_rate: int | None = None, normalize: bool = True, name: str = "audio"):
         if isinstance(source, (str, os.PathLike)):
             self.path, self.name = _check_file(os.fspath(source)), os.fspath(source)
             self.samples, self.rate, self.channels = None, *_probe(self.path)
         else:
-            self.path, self.name = None, "audio"
+            self.path, self.name = None, name  # name: what errors call an array (e.g. the clip it came from)
             self.samples = np.asarray(source)
-            if self.samples.ndim == 2 and self.samples.shape[1] == 1:
-                self.samples = self.samples[:, 0]                             # mono: (S,)
             if self.samples.ndim not in (1, 2):
-                raise UsageError(f"audio: expected mono or multi-channel audio, got array of shape "
+                raise UsageError(f"{name}: expected mono or multi-channel audio, got array of shape "
                                  f"{self.samples.shape}")
             if sample_rate is None or sample_rate <= 0:
-                raise UsageError(f"audio: invalid sample rate {sample_rate}")
+                raise UsageError(f"{name}: invalid sample rate {sample_rate}")
             self.rate = int(sample_rate)
         self.loudness = Loudness() if normalize else None
         self.num_samples = 0
@@ -242,10 +240,7 @@ def load_audio(path: str) -> np.ndarray:
 
 def prepare_wave(samples: np.ndarray, sample_rate: int, source: str = "audio") -> np.ndarray:
     """Any (S,) or (S, channels) int/float array at any rate -> normalised float32 mono (S',) at 16 kHz."""
-    try:
-        return Speech(samples, sample_rate).wave()
-    except UsageError as err:
-        raise UsageError(str(err).replace("audio", source, 1)) from None
+    return Speech(samples, sample_rate, name=source).wave()
 
 
 def _check_file(path: str) -> str:

@@ -4,7 +4,7 @@ writes them all as JSON (`--json`, default runs/bench.json).
 Sections (`--only` picks some):
   sampling   each inference stage alone on the example (A2L, condition encoding, the L2I denoiser at several DDIM
              step counts, the VAE decode, face detection, paste-back, mp4 writing): video frames per second of
-             CPU time and milliseconds per frame;
+             wall time and milliseconds per frame;
   cascade    the whole cascade (`DreamHead.generate` + `write_video`, what sample.py runs) on the example at the
              shipped settings and at fewer DDIM steps: wall and CPU frames per second, CPU seconds per second of
              audio, and the time to the first frame written (frames stream out as they are made);
@@ -18,8 +18,8 @@ Sections (`--only` picks some):
              torch.utils.flop_counter over the machine's dense matmul FLOP/s measured in the same run;
   projection FLOPs per frame of the paper preset and the frames per second they would give on one A100 / H100
              at a stated utilisation of its dense bf16 peak: a projection, not a measurement.
-Times are medians over repetitions. On a shared machine wall times vary with the load; CPU times and ratios
-measured in one process are the numbers to compare.
+Times are wall-clock medians over repetitions (CPU time would count the spinning of idle OpenMP threads). On a
+shared machine they vary with the load; ratios measured in one process are the numbers to compare.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def example_paths() -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------------------
 
 def sampling(model, steps_list, batch: int = 16) -> list[dict]:
-    """Frames per second of CPU time of each inference stage on the example, one batch of `batch` frames."""
+    """Frames per second of wall time of each inference stage on the example, one batch of `batch` frames."""
     import numpy as np
     import torch
 

@@ -17,9 +17,8 @@ frame batch L2I (l2i.L2I.sample, decoding through the frozen VAE) renders the cr
 reference pair (the first source frame and its landmark image, encoded once per video) and the crop with its
 mouth blacked out; each generated crop is pasted back into its full frame inside a feathered mouth mask, so
 everything outside the mouth keeps the source's pixels. No array grows with the audio's length beyond a few
-numbers per frame (the source index). A video instead of a photo is
-dubbed: head pose, upper face and background follow the video (looped back and forth when the audio is longer),
-the mouth follows the new audio.
+numbers per frame (the source index). A video instead of a photo is dubbed: head pose, upper face and
+background follow the video (looped back and forth when the audio is longer), the mouth follows the new audio.
 
 Also here: `load_model`, which rebuilds any stage from its one-dict checkpoint.
 """
@@ -370,7 +369,8 @@ def default_workers(device) -> int:
 
 
 def share_cores(workers: int) -> None:
-    """Give each of `workers` render workers an equal share of the cores as torch intra-op threads."""
+    """Give each of `workers` render workers an equal share of torch's intra-op threads (at most one per core;
+    fewer when OMP_NUM_THREADS or an earlier set_num_threads asked for fewer)."""
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1) // workers))
 
 
@@ -454,7 +454,6 @@ class DreamHead:
         return Plan(source, boxes, source_mouth, pose, canonical, size, expand, given)
 
     # ---- L2I ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def render_crops(self, crops: np.ndarray, source: np.ndarray, batches, ref_crop: np.ndarray,
                      ref_P_canon: np.ndarray, steps=None, guidance=None, seed: int = 0, workers: int = 1):
         """L2I, batch by batch; yields uint8 (b, size, size, 3) generated crops in order.
@@ -476,7 +475,7 @@ class DreamHead:
                           generator=torch.Generator(self.device).manual_seed(seed), device=self.device)
         masked = MaskedLatents(self.vae)
 
-        @torch.no_grad()
+        @torch.no_grad()  # here, not on render_crops: grad mode is per thread and this runs in the workers
         def render(batch):
             start, P_canon, mouth = batch
             src = source[start:start + len(P_canon)]
