@@ -1,10 +1,11 @@
 """The layering of the code: imports run one way, from the entry points down to the ground floor.
 
     floor 0  cli, diffusion, common                    (the error path, the maths, shared blocks, run utilities)
-    floor 1  landmarks, clips, audio, metrics          (dense landmarks, the clip format, speech in, measures)
+    floor 1  landmarks, clips, audio, metrics, fid     (dense landmarks, the clip format, speech in, measures)
     floor 2  vae, a2l, l2i, synth_*                    (the stages, and the synthetic data source)
     floor 3  dreamhead                                 (the cascade)
-    floor 4  train, sample, evaluate, bench, data      (entry points: nothing imports them)
+    floor 4  train, sample, evaluate, bench, data,     (entry points: nothing imports them)
+             prepare
 
 Every import of a project module, wherever it sits in the file, must go to a lower floor or stay on its own
 floor without a cycle; entry points never import each other; no project import hides inside a function, except
@@ -21,10 +22,10 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = {
     "cli": 0, "diffusion": 0, "common": 0,
-    "landmarks": 1, "clips": 1, "audio": 1, "metrics": 1,
+    "landmarks": 1, "clips": 1, "audio": 1, "metrics": 1, "fid": 1,
     "vae": 2, "a2l": 2, "l2i": 2, "synth_speech": 2, "synth_face": 2, "synth_clips": 2,
     "dreamhead": 3,
-    "train": 4, "sample": 4, "evaluate": 4, "bench": 4, "data": 4,
+    "train": 4, "sample": 4, "evaluate": 4, "bench": 4, "data": 4, "prepare": 4,
 }
 ENTRY_FLOOR = 4
 MAX_LINES = 700
