@@ -40,6 +40,7 @@ import time
 import numpy as np
 import soundfile
 import torch
+from tqdm import tqdm
 
 import clips
 import landmarks
@@ -48,7 +49,8 @@ from cli import ArgumentParser, float_flag, int_flag, run_cli, seed_flag
 from common import atomic_write, save_png, to_tensor_image, to_uint8_image
 from dreamhead import DreamHead, default_workers, load_model, share_cores
 from l2i import L2IFrames, L2ILatents
-from metrics import UPSCALE, corr, corr_by_identity, landmark_metrics, measured_opening, nan_corr, plot_opening, psnr
+from metrics import UPSCALE, corr, corr_by_identity, fitted_errors, landmark_metrics, measured_opening, nan_corr, \
+    opening_per_iod, plot_opening, psnr
 from synth_clips import clips_or_synthetic
 
 
@@ -82,13 +84,19 @@ def clip_identities(paths: list[str]) -> tuple[list[str], list[int]]:
 
 
 @torch.no_grad()
+def reconstruct(vae, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """E -> D of images (N, 3, S, S) in [-1, 1] (the posterior's mode), clamped to [-1, 1]."""
+    return torch.cat([vae.decode(vae.encode(b).mode()) for b in x.split(batch)]).clamp(-1, 1)
+
+
+@torch.no_grad()
 def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, identity=None, batch: int = 64,
                  upscale: str = "cubic") -> dict:
     """PSNR (dB) of E -> D reconstructions over the frame and inside the mouth box, (N, S, S, 3) uint8 frames;
     with the true openings (N,) also how well MediaPipe's opening on the reconstructions follows them (the
     ceiling of the L2I's opening correlation: L2I renders through this decoder), per identity (N,) if given."""
     x = to_tensor_image(np.asarray(frames))  # (N, 3, S, S)
-    rec = torch.cat([vae.decode(vae.encode(b).mode()) for b in x.split(batch)]).clamp(-1, 1)
+    rec = reconstruct(vae, x, batch)
     m = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # (N, 1, S, S)
     row = {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
     if opening is not None:
@@ -99,48 +107,56 @@ def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, ident
 
 
 @torch.no_grad()
-def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0,
-                 guidance=None, identities=None, upscale: str = "cubic") -> dict:
-    """Render every `every`-th frame of the held-out items (an l2i.L2ILatents with train=False frames) from its
-    true landmarks; PSNR in the mouth box beside copy-the-reference and the VAE ceiling; the MediaPipe opening
-    measured on the generated, the true and the VAE-reconstructed frames (the last two bound what L2I can reach);
-    with `identities` (one int per clip) the generated frames' correlation per identity too."""
+def render_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0,
+               guidance=None) -> dict:
+    """Every `every`-th frame of the held-out items (an l2i.L2ILatents with train=False frames) rendered from its
+    true landmarks: gen, truth, ref (the reference frame), rec (the VAE's reconstruction) as (N, 3, S, S) in
+    [-1, 1], mouth (N, 1, S, S) masks, P (N, 478, 3) the true landmarks in frame px, and clip (N,) indices."""
     frames = latents.frames
     idx = list(range(0, len(latents), every))
-    gen_all, truth_all, ref_all, rec_all, mouth_all, opening, clip_of = [], [], [], [], [], [], []
+    out = {k: [] for k in ("gen", "rec", "truth", "ref", "mouth", "P", "clip")}
     cfg = model.config
     z_T = torch.randn((1, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
                       generator=torch.Generator().manual_seed(seed))
-    for start in range(0, len(idx), batch):
+    for start in tqdm(range(0, len(idx), batch), desc="L2I", unit="batch", disable=len(idx) <= batch):
         items = [latents[i] for i in idx[start:start + batch]]
         cond = torch.utils.data.default_collate(items)
         z0 = model.sample(cond, steps=steps, guidance=guidance, z_T=z_T)  # (b, C, h, w)
-        gen_all.append(vae.decode_latents(z0).clamp(-1, 1))
-        rec_all.append(vae.decode_latents(cond["z0"]).clamp(-1, 1))
+        out["gen"].append(vae.decode_latents(z0).clamp(-1, 1))
+        out["rec"].append(vae.decode_latents(cond["z0"]).clamp(-1, 1))
+        out["mouth"].append(cond["mouth"])
         for it in items:
             clip = frames.clips[it["clip"]]
-            truth_all.append(clip["frames"][it["frame"]])
-            ref_all.append(clip["frames"][it["ref_frame"]])
-            P = clip["P_px"][it["frame"]]
-            opening.append(landmarks.mouth_opening(P) / landmarks.inter_ocular(P))
-            clip_of.append(it["clip"])
-        mouth_all.append(cond["mouth"])
-    gen, rec, mouth = torch.cat(gen_all), torch.cat(rec_all), torch.cat(mouth_all)
-    truth, ref = to_tensor_image(np.stack(truth_all)), to_tensor_image(np.stack(ref_all))  # (N, 3, S, S)
-    opening = np.array(opening)
+            out["truth"].append(to_tensor_image(clip["frames"][it["frame"]])[None])
+            out["ref"].append(to_tensor_image(clip["frames"][it["ref_frame"]])[None])
+            out["P"].append(clip["P_px"][it["frame"]][None])
+            out["clip"].append(it["clip"])
+    return {k: np.array(v) if k == "clip" else (np.concatenate(v) if k == "P" else torch.cat(v))
+            for k, v in out.items()}
+
+
+def evaluate_l2i(model, vae, latents, every: int = 4, batch: int = 32, steps=None, seed: int = 0,
+                 guidance=None, identities=None, upscale: str = "cubic") -> dict:
+    """Render every `every`-th frame of the held-out items from its true landmarks (render_l2i); PSNR in the mouth
+    box beside copy-the-reference and the VAE ceiling; the MediaPipe opening measured on the generated, the true
+    and the VAE-reconstructed frames (the last two bound what L2I can reach); with `identities` (one int per
+    clip) the generated frames' correlation per identity too."""
+    r = render_l2i(model, vae, latents, every, batch, steps, seed, guidance)
+    gen, truth, mouth = r["gen"], r["truth"], r["mouth"]
+    opening = opening_per_iod(r["P"])
     measured = measured_opening(to_uint8_image(gen), upscale=upscale)
-    measured_truth = measured_opening(np.stack(truth_all), upscale=upscale)
-    measured_vae = measured_opening(to_uint8_image(rec), upscale=upscale)
-    return {"frames": len(idx),
+    measured_truth = measured_opening(to_uint8_image(truth), upscale=upscale)
+    measured_vae = measured_opening(to_uint8_image(r["rec"]), upscale=upscale)
+    return {"frames": len(gen),
             "psnr_mouth": psnr(gen, truth, mask=mouth),
-            "psnr_mouth_copy_ref": psnr(ref, truth, mask=mouth),
-            "psnr_mouth_vae": psnr(rec, truth, mask=mouth),
+            "psnr_mouth_copy_ref": psnr(r["ref"], truth, mask=mouth),
+            "psnr_mouth_vae": psnr(r["rec"], truth, mask=mouth),
             "psnr": psnr(gen, truth),
             "opening_corr": nan_corr(measured, opening),
             "detected": float(np.isfinite(measured).mean()),
             "opening_corr_truth_frames": nan_corr(measured_truth, opening),
             "opening_corr_vae": nan_corr(measured_vae, opening),
-            **corr_by_identity(measured, opening, None if identities is None else np.asarray(identities)[clip_of])}
+            **corr_by_identity(measured, opening, None if identities is None else np.asarray(identities)[r["clip"]])}
 
 
 def _named(specs: list[str]) -> dict:
@@ -197,12 +213,9 @@ def user_inputs(clip: dict, folder: str) -> tuple[str, str]:
 
 def fitted_lip_error(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: the lip error (in IOD) and the mouth opening (in IOD) of `pred` (T, 478, 3) after a similarity
-    fit of its non-lip points onto the truth's, so head pose and framing do not count, only the mouth."""
-    rest = np.setdiff1d(np.arange(landmarks.NUM_LANDMARKS), landmarks.LIPS)
-    R, scale, t = landmarks.umeyama(pred[:, rest], truth[:, rest])
-    fitted = scale[:, None, None] * np.einsum("tij,tnj->tni", R, pred) + t[:, None]  # (T, 478, 3)
-    iod = landmarks.inter_ocular(truth)
-    return landmarks.lip_lmd(fitted, truth) / iod, landmarks.mouth_opening(fitted) / iod
+    fit of its non-lip points onto the truth's (metrics.fitted_errors), so head pose and framing do not count."""
+    lip, _, fitted = fitted_errors(pred, truth)
+    return lip, landmarks.mouth_opening(fitted) / landmarks.inter_ocular(truth)
 
 
 def main_photo(args) -> dict:

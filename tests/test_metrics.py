@@ -1,0 +1,116 @@
+"""metrics.py: PSNR and SSIM as scikit-image computes them, the fitted landmark errors, AV offset and silence."""
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import landmarks
+import metrics
+
+
+def _pairs():
+    """(name, x, y, data_range): random and structured images, uint8 and float, gray and colour."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :56]
+    structured = (127 + 100 * np.sin(xx / 5.0) * np.cos(yy / 7.0)).astype(np.uint8)  # (48, 56)
+    shifted = np.roll(structured, 2, axis=1)
+    colour = np.stack([structured, shifted, structured[::-1]], -1)  # (48, 56, 3)
+    noisy = np.clip(colour + rng.normal(0, 12, colour.shape), 0, 255).astype(np.uint8)
+    random_u8 = rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)
+    near_u8 = np.clip(random_u8.astype(int) + rng.integers(-20, 21, random_u8.shape), 0, 255).astype(np.uint8)
+    f = rng.random((37, 41))
+    return [("structured gray uint8", structured, shifted, None),
+            ("structured colour uint8", colour, noisy, None),
+            ("random colour uint8", random_u8, near_u8, None),
+            ("random gray float [0, 1]", f, np.clip(f + rng.normal(0, 0.1, f.shape), 0, 1), 1.0),
+            ("structured colour float [-1, 1]", colour / 127.5 - 1, noisy / 127.5 - 1, 2.0)]
+
+
+@pytest.mark.parametrize("box", [None, (5, 7, 30, 33)])
+@pytest.mark.parametrize("name,x,y,data_range", _pairs(), ids=[p[0] for p in _pairs()])
+def test_psnr_and_ssim_agree_with_scikit_image(name, x, y, data_range, box):
+    rng_kw = {} if data_range is None else {"data_range": data_range}
+    cut = (slice(None), slice(None)) if box is None else (slice(box[1], box[3]), slice(box[0], box[2]))
+    channel = {"channel_axis": -1} if x.ndim == 3 else {}
+    want_ssim = structural_similarity(x[cut], y[cut], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                      data_range=data_range or 255, **channel)
+    want_psnr = peak_signal_noise_ratio(x[cut], y[cut], **rng_kw)
+    assert abs(metrics.ssim(x, y, data_range, box) - want_ssim) < 1e-3
+    assert abs(metrics.image_psnr(x, y, data_range, box) - want_psnr) < 1e-3
+
+
+def test_image_measures_refuse_what_they_cannot_score():
+    x = np.zeros((20, 20), np.float32)
+    with pytest.raises(ValueError, match="data_range"):
+        metrics.ssim(x, x)
+    with pytest.raises(ValueError, match="at least 11"):
+        metrics.ssim(x, x, 1.0, box=(0, 0, 8, 20))
+    assert metrics.image_psnr(x, x, 1.0) == float("inf")
+    frames = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    row = metrics.image_scores(frames, frames, boxes=[(2, 2, 20, 20)] * 3)
+    assert row["psnr"] == float("inf") and abs(row["ssim"] - 1) < 1e-9
+
+
+def _face(frames=4):
+    """A sequence of the canonical template at a pixel scale, (frames, 478, 3)."""
+    return np.repeat(landmarks.CANONICAL_TEMPLATE[None].astype(np.float64) * 60 + 100, frames, axis=0)
+
+
+def test_fitted_lmd_ignores_rotation_scale_and_shift_of_the_prediction():
+    truth = _face()
+    rng = np.random.default_rng(2)
+    pred = truth + rng.normal(0, 1.0, truth.shape)  # some error to keep
+    lip, face, _ = metrics.fitted_errors(pred, truth)
+    R = Rotation.from_euler("xyz", [10, -25, 15], degrees=True).as_matrix()
+    moved = 0.7 * pred @ R.T + np.array([40.0, -12.0, 5.0])
+    lip_m, face_m, _ = metrics.fitted_errors(moved, truth)
+    np.testing.assert_allclose(lip_m, lip, rtol=1e-6)
+    np.testing.assert_allclose(face_m, face, rtol=1e-6)
+    assert lip.min() > 0 and face.min() > 0
+    missed = moved.copy()
+    missed[1] = np.nan  # no detection on frame 1: NaN there, the others unchanged
+    lip_n, _, _ = metrics.fitted_errors(missed, truth)
+    assert np.isnan(lip_n[1]) and np.allclose(np.delete(lip_n, 1), np.delete(lip, 1))
+
+
+def test_canonical_jitter_is_zero_for_a_moving_still_face_and_skips_missed_frames():
+    truth = _face(6)
+    moving = truth + np.linspace(0, 30, 6)[:, None, None]  # a shifting head: no motion in canonical space
+    assert metrics.canonical_jitter(moving) < 1e-9
+    shaking = truth.copy()
+    shaking[::2, landmarks.LIPS] += 3.0
+    shaking[3] = np.nan
+    assert np.isfinite(metrics.canonical_jitter(shaking)) and metrics.canonical_jitter(shaking) > 0.01
+
+
+def test_speech_envelope_is_the_rms_of_each_frame_window():
+    sr, fps = 16000, 25
+    audio = np.zeros(sr, np.float32)
+    audio[640:1280] = 0.5  # frame 1
+    env = metrics.speech_envelope(audio, sr, 26, fps)  # one frame past the end: silent
+    assert env.shape == (26,) and abs(env[1] - 0.5) < 1e-9 and env[0] == 0 and env[-1] == 0
+    stereo_int16 = (np.stack([audio, audio], 1) * 32768).astype(np.int16)
+    np.testing.assert_allclose(metrics.speech_envelope(stereo_int16, sr, 26, fps), env, atol=1e-4)
+
+
+@pytest.mark.parametrize("shift", [-6, 0, 4, 11])
+def test_av_offset_recovers_a_known_shift(shift):
+    rng = np.random.default_rng(3)
+    envelope = np.convolve(rng.random(260), np.ones(5) / 5, mode="same")  # a smooth syllabic envelope
+    opening = np.roll(envelope, shift)[20:-20] + rng.normal(0, 0.01, 220)  # the mouth `shift` frames late
+    opening[::17] = np.nan  # missed detections are left out
+    lag, r = metrics.av_offset(opening, envelope[20:-20])
+    assert lag == shift and r > 0.9
+
+
+def test_silence_ratio_on_a_constructed_example():
+    fps = 25
+    envelope = np.full(100, 0.2)
+    envelope[30:45] = 0.001  # a 0.6 s pause
+    envelope[70:74] = 0.001  # a 0.16 s gap: too short to count, and not speech either
+    opening = np.full(100, 0.4)
+    opening[30:45] = 0.1
+    opening[70:74] = 5.0
+    assert metrics.pauses(envelope, fps).sum() == 15
+    assert abs(metrics.silence_ratio(opening, envelope, fps) - 0.25) < 1e-9
+    assert np.isnan(metrics.silence_ratio(opening, np.full(100, 0.2), fps))  # no pause: nothing to say
