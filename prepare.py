@@ -77,18 +77,25 @@ class Skip(Exception):
 # ------------------------------------------------------------------------------------------------------------
 
 def probe(path: str) -> tuple[int, int, bool]:
-    """(width, height, has a sound track) of a video; Skip when ffmpeg finds no video stream."""
+    """(width, height, has a sound track) of a video as decode gives it: turned upright as its rotation metadata
+    says (ffmpeg does so when decoding), an odd last row or column dropped (H.264 needs even sides); Skip when
+    ffmpeg finds no video stream."""
     info = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True).stderr
     match = re.search(r"Stream #\S+.*?Video:.*?(\d{2,5})x(\d{2,5})", info)
     if match is None:
         raise Skip("no video stream ffmpeg can read")
-    return int(match.group(1)), int(match.group(2)), re.search(r"Stream #\S+.*?Audio:", info) is not None
+    w, h = int(match.group(1)), int(match.group(2))
+    rotation = re.search(r"rotation of (-?[\d.]+) degrees|rotate\s*:\s*(-?\d+)", info)
+    if rotation and round(abs(float(rotation.group(1) or rotation.group(2)))) % 180 == 90:
+        w, h = h, w
+    return w // 2 * 2, h // 2 * 2, re.search(r"Stream #\S+.*?Audio:", info) is not None
 
 
 def decode(path: str, w: int, h: int, chunk: int = CHUNK):
-    """The video's frames at 25 fps, streamed: uint8 blocks (n <= chunk, h, w, 3) RGB; Skip when it has none."""
-    cmd = [ffmpeg_exe(), "-loglevel", "error", "-i", path, "-map", "0:v:0", "-vf", f"fps={FPS}", "-f", "rawvideo",
-           "-pix_fmt", "rgb24", "-"]
+    """The video's frames at 25 fps, streamed: uint8 blocks (n <= chunk, h, w, 3) RGB, cut to w x h from the top
+    left; Skip when it has none."""
+    cmd = [ffmpeg_exe(), "-loglevel", "error", "-i", path, "-map", "0:v:0", "-vf", f"fps={FPS},crop={w}:{h}:0:0",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     size, total = w * h * 3, 0
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: ffmpeg cannot block on a full stderr
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
@@ -173,27 +180,31 @@ def shot_cuts(t: dict) -> np.ndarray:
 
 
 def signature(P: np.ndarray, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Who a face is, per frame: its canonical rigid points (T, R, 3) in template inter-ocular units, and the
-    face colour (T, 3)."""
-    canon, _ = landmarks.canonicalize(P)
-    unit = float(landmarks.inter_ocular(landmarks._template()))
-    return canon[:, landmarks.RIGID] / unit, colour
+    """Who a face is, per frame: its canonical rigid points (T, R, 3) (canonical units: inter-ocular distance 1),
+    and the face colour (T, 3)."""
+    return landmarks.canonicalize(P)[0][:, landmarks.RIGID], colour
+
+
+def difference(shape_a, colour_a, shape_b, colour_b) -> np.ndarray:
+    """How far apart two signatures (mean rigid shapes (..., R, 3), mean colours (..., 3)) are: the mean of the
+    shape and colour distances in units of SHAPE_CHANGE and COLOUR_CHANGE (> 1: another person), (...).
+    Either one alone must be twice its threshold: MediaPipe's shape wobbles on a turned face, colour under light."""
+    d_shape = np.linalg.norm(shape_a - shape_b, axis=-1).mean(axis=-1)
+    return (d_shape / SHAPE_CHANGE + np.linalg.norm(colour_a - colour_b, axis=-1) / COLOUR_CHANGE) / 2
 
 
 def identity_change(shape: np.ndarray, colour: np.ndarray) -> np.ndarray:
-    """Score per frame t (T,) of a new person starting at t: the larger of the mean-shape and mean-colour changes
-    between the IDENTITY_WINDOW frames before and after t, in units of SHAPE_CHANGE / COLOUR_CHANGE (> 1: change).
-    Zero where either window is incomplete."""
+    """Score per frame t (T,) of a new person starting at t: the difference of the mean signatures of the
+    IDENTITY_WINDOW frames before and after t; zero where either window is incomplete."""
     W, T = IDENTITY_WINDOW, len(shape)
     score = np.zeros(T)
     if T < 2 * W:
         return score
-    mean = lambda X: np.cumsum(np.concatenate([np.zeros_like(X[:1]), X]), axis=0)  # (T+1, ...) prefix sums
-    S, C = mean(shape.astype(np.float64)), mean(colour.astype(np.float64))
+    prefix = lambda X: np.cumsum(np.concatenate([np.zeros_like(X[:1]), X]), axis=0)  # (T+1, ...)
+    S, C = prefix(shape.astype(np.float64)), prefix(colour.astype(np.float64))
     t = np.arange(W, T - W + 1)
-    d_shape = np.linalg.norm((S[t + W] - 2 * S[t] + S[t - W]) / W, axis=-1).mean(axis=-1)  # after - before
-    d_colour = np.linalg.norm((C[t + W] - 2 * C[t] + C[t - W]) / W, axis=-1)
-    score[t] = np.maximum(d_shape / SHAPE_CHANGE, d_colour / COLOUR_CHANGE)
+    window = lambda X, a, b: (X[b] - X[a]) / W  # mean over frames a..b-1
+    score[t] = difference(window(S, t - W, t), window(C, t - W, t), window(S, t, t + W), window(C, t, t + W))
     return score
 
 
@@ -225,16 +236,15 @@ def segments(t: dict, max_gap: int) -> tuple[np.ndarray, np.ndarray, list[tuple[
 
 
 def persons(P: np.ndarray, colour: np.ndarray, pieces: list) -> list[int]:
-    """Person number (1, 2, ...) of each piece: the first earlier person whose mean signature is within
-    SHAPE_CHANGE and COLOUR_CHANGE of the piece's, else a new one."""
+    """Person number (1, 2, ...) of each piece: the first earlier person whose mean signature differs by at most
+    1 from the piece's, else a new one."""
     known, out = [], []
     for s, e in pieces:
         shape, col = signature(P[s:e], colour[s:e])
-        sig = (shape.mean(axis=0), col.mean(axis=0))
-        same = [k for k, (ks, kc) in enumerate(known) if np.linalg.norm(ks - sig[0], axis=-1).mean() < SHAPE_CHANGE
-                and np.linalg.norm(kc - sig[1]) < COLOUR_CHANGE]
+        mean = (shape.mean(axis=0), col.mean(axis=0))
+        same = [k for k, other in enumerate(known) if difference(*mean, *other) <= 1]
         if not same:
-            known.append(sig)
+            known.append(mean)
         out.append(same[0] + 1 if same else len(known))
     return out
 

@@ -188,3 +188,18 @@ def test_bad_input_is_one_line_and_exit_code_2(prepared, tmp_path):
     assert other.returncode == 2 and other.stderr.count("\n") == 1 and "other settings" in other.stderr
     bad = prepare_cli(prepared["videos"], tmp_path / "out", "--shard", "3/2")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_a_camera_cut_keeps_the_person_and_a_long_loss_of_the_face_splits(prepared):
+    _, P, _ = prepared["truth"]["a.mp4"]  # (100, 478, 3), a face ~34 px between the eyes
+    P = P.copy()
+    P[50:, :, 0] += 60  # the camera cuts to the same person elsewhere in the frame
+    detected = np.ones(len(P), bool)
+    detected[75:82] = False  # 7 frames without the face: more than --max-gap 5
+    colour = np.full((len(P), 3), 0.5)
+    track = {"points": P, "detected": detected, "hist": np.zeros((len(P), 48)), "colour": colour}
+    filled, colour, pieces = prepare.segments(track, max_gap=5)
+    assert pieces == [(0, 50), (50, 75), (82, 100)]
+    assert prepare.persons(filled, colour, pieces) == [1, 1, 1]
+    colour[82:] += 0.3  # another face colour: another person
+    assert prepare.persons(filled, colour, pieces) == [1, 1, 2]
