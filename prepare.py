@@ -351,25 +351,32 @@ def make_clips(job: dict, clips_dir: str, record: dict) -> None:
         raise Skip(f"no stretch of one tracked face of at least {s['min_seconds']:g} s")
     sound = read_sound(path) if has_audio else np.zeros(0, np.int16)
     frames = decode(path, w, h)
-    stream = (f for block in frames for f in block)  # (H, W, 3) frames of the second pass
-    counts, at = {}, 0
     try:
-        for (a, b), person in zip(kept, persons(P, colour, kept)):
-            collections.deque(itertools.islice(stream, a - at), maxlen=0)  # skip to the piece
-            suffix = "" if person == 1 else f"~p{person}"
-            counts[person] = counts.get(person, -1) + 1
-            name = f"{job['stem']}{suffix}_{counts[person]:03d}"
-            fields = clip_fields(landmarks.smooth_landmarks(P[a:b], s["smooth"]), t["detected"][a:b], s["size"],
-                                 s["face_iod"])
-            fields.update(fps=FPS, frame_size=(h, w), identity=job["identity"] + suffix, has_audio=sound.size > 0,
-                          source=job["source"], start_frame=a)
-            write_clip(os.path.join(clips_dir, name), fields, stream, piece_sound(sound, a, b))
-            at = b
-            record["clips"].append({"name": name, "npz": f"clips/{name}.npz", "identity": fields["identity"],
-                                    "frames": b - a, "seconds": (b - a) / FPS, "has_audio": bool(sound.size),
-                                    "source": job["source"], "start_frame": a})
+        stream = (f for block in frames for f in block)  # (H, W, 3) frames of the second pass, in order
+        record["clips"] = write_pieces(job, clips_dir, stream, (h, w), sound, P, t["detected"], kept,
+                                       persons(P, colour, kept))
     finally:
         frames.close()  # stops ffmpeg
+
+
+def write_pieces(job, clips_dir, stream, frame_size, sound, P, detected, pieces, people) -> list[dict]:
+    """Write each piece (a, b) of person people[i] as a clip, reading its frames from `stream`; their manifest
+    entries."""
+    s, counts, at, entries = job["settings"], {}, 0, []
+    for (a, b), person in zip(pieces, people):
+        collections.deque(itertools.islice(stream, a - at), maxlen=0)  # skip to the piece
+        suffix = "" if person == 1 else f"~p{person}"
+        counts[person] = counts.get(person, -1) + 1
+        name = f"{job['stem']}{suffix}_{counts[person]:03d}"
+        fields = clip_fields(landmarks.smooth_landmarks(P[a:b], s["smooth"]), detected[a:b], s["size"], s["face_iod"])
+        fields.update(fps=FPS, frame_size=frame_size, identity=job["identity"] + suffix, has_audio=sound.size > 0,
+                      source=job["source"], start_frame=a)
+        write_clip(os.path.join(clips_dir, name), fields, stream, piece_sound(sound, a, b))
+        at = b
+        entries.append({"name": name, "npz": f"clips/{name}.npz", "identity": fields["identity"], "frames": b - a,
+                        "seconds": (b - a) / FPS, "has_audio": bool(sound.size), "source": job["source"],
+                        "start_frame": a})
+    return entries
 
 
 def piece_sound(sound: np.ndarray, a: int, b: int) -> np.ndarray | None:
@@ -444,8 +451,10 @@ def test_list(path: str) -> list[str]:
 
 def output_settings(args) -> dict:
     """Every setting that changes what is written (not --workers or --shard)."""
-    split = {"test_regex": args.test_regex} if args.test_regex is not None else \
-        {"test_list": test_list(args.test_list)} if args.test_list is not None else {"test_fraction": args.test_fraction}
+    if args.test_regex is not None:
+        split = {"test_regex": args.test_regex}
+    else:
+        split = {"test_list": test_list(args.test_list)} if args.test_list else {"test_fraction": args.test_fraction}
     return {"version": VERSION, "size": args.size, "face_iod": args.face_iod, "min_seconds": args.min_seconds,
             "max_gap": args.max_gap, "smooth": args.smooth, "identity_regex": args.identity_regex, **split}
 
@@ -468,11 +477,12 @@ def check_settings(out: str, settings: dict) -> None:
                          "use those or prepare into another folder")
 
 
-def find_videos(root: str) -> list[str]:
-    """Relative paths ('/'-separated) of the videos below root, sorted."""
-    found = [os.path.relpath(p, root).replace(os.sep, "/") for p in glob.glob(os.path.join(root, "**", "*"),
-                                                                              recursive=True)]
-    return sorted(p for p in found if p.lower().endswith(VIDEO_EXTENSIONS) and os.path.isfile(os.path.join(root, p)))
+def find_videos(root: str, out: str) -> list[str]:
+    """Relative paths ('/'-separated) of the videos below root, sorted; none from the output folder `out`."""
+    inside_out = os.path.join(os.path.abspath(out), "")
+    found = [p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(p)
+             and p.lower().endswith(VIDEO_EXTENSIONS) and not os.path.abspath(p).startswith(inside_out)]
+    return sorted(os.path.relpath(p, root).replace(os.sep, "/") for p in found)
 
 
 def video_stems(sources: list[str]) -> dict:
@@ -543,18 +553,18 @@ def run_jobs(jobs: list[dict], workers: int):
 def main(argv=None):
     args = parse_args(argv)
     settings = output_settings(args)
-    sources = find_videos(args.videos)
+    sources = find_videos(args.videos, args.out)
     if not sources:
         raise UsageError(f"no videos ({' '.join(VIDEO_EXTENSIONS)}) below {args.videos}")
+    identities, stems = {s: identity_of(s, args.identity_regex) for s in sources}, video_stems(sources)
     check_settings(args.out, settings)
-    stems = video_stems(sources)
     index, count = args.shard
     mine = [s for i, s in enumerate(sources) if i % count == index]
     todo = [s for s in mine if not os.path.exists(marker_path(args.out, s))]
     print(f"{len(todo)} to prepare, {len(mine) - len(todo)} done" + (f" (shard {index}/{count} of "
           f"{len(sources)} videos)" if count > 1 else ""), flush=True)
     jobs = [{"root": args.videos, "out": args.out, "source": s, "stem": stems[s],
-             "identity": identity_of(s, args.identity_regex), "settings": settings} for s in todo]
+             "identity": identities[s], "settings": settings} for s in todo]
     start, frames = time.time(), 0
     for record in tqdm(run_jobs(jobs, args.workers), total=len(jobs), desc="videos", unit="video", file=sys.stdout):
         frames += record["frames"]
