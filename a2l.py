@@ -29,7 +29,10 @@ Also here: `A2LWindows` (training windows from clips in the clip format), `compu
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -44,7 +47,7 @@ import diffusion
 import landmarks
 from audio import FPS, MEL_PER_FRAME, MelContext, padded_log_mel, prepare_wave, unfold_context
 from cli import UsageError
-from common import Config, TrainConfig, option, train_settings
+from common import Config, SampleRandom, TrainConfig, atomic_write, option, train_settings
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,7 +292,8 @@ class A2L(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------------
     def loss(self, batch: dict):
-        """batch: landmarks (B, L, 478, 3) canonical, p_bar (B, 478, 3), mel_ctx (B, L, C, 80).
+        """batch: landmarks (B, L, 478, 3) canonical, p_bar (B, 478, 3), mel_ctx (B, L, C, 80), and the samples'
+        seeds (B,) that every random draw of the loss comes from (fresh ones when absent).
         Returns (loss, logs): weighted MSE on the model target (lips x lip_weight) + velocity_weight x L1 on
         first differences of the un-normalised x0 prediction."""
         c = self.config
@@ -302,10 +306,11 @@ class A2L(nn.Module):
         if tuple(p_bar.shape) != (P.shape[0], c.n_points, 3):
             raise ValueError(f"p_bar must be (B, {c.n_points}, 3), got {tuple(p_bar.shape)}")
         B = P.shape[0]
+        rng = SampleRandom(batch["seed"], device) if "seed" in batch else SampleRandom.fresh(B, device)
         x0 = self.normalise(P, p_bar)                                # (B, L, 1434)
         if c.objective == "diffusion":
-            t = torch.randint(0, c.num_train_timesteps, (B,), device=device)
-            noise = torch.randn_like(x0)
+            t = rng.randint(c.num_train_timesteps)                   # (B,)
+            noise = rng.randn(*x0.shape[1:])                         # (B, L, 1434)
             x_t = self.scheduler.add_noise(x0, noise, t)
             target = self.scheduler.training_target(x0, noise, t)
         else:
@@ -314,7 +319,7 @@ class A2L(nn.Module):
             target = x0
         drop = None
         if self.training and c.audio_dropout > 0:
-            drop = diffusion.drop_condition_mask(B, c.audio_dropout, device)
+            drop = rng.rand() < c.audio_dropout                      # (B,) True: audio dropped
         out = self(x_t, t, mel_ctx, p_bar, drop)
         velocity_scale = torch.ones(B, 1, 1, device=device)
         if c.objective == "diffusion" and c.prediction_type == "epsilon":
@@ -455,30 +460,36 @@ def window_starts(T: int, L: int, overlap: int) -> list[int]:
 class A2LWindows(torch.utils.data.Dataset):
     """Windows of (canonical landmarks, P̄, mel context) from clips in the clip format (clips.load_clip).
 
-    Canonical landmarks and the padded log-mel are computed once per clip and cached (the per-frame context
-    windows are unfolded from it per item: 5x less memory than caching them). P̄ = mean canonical mesh of the
-    clip's identity over all given clips, or with p_bar="first_frame" the clip's first frame (what sample.py has:
-    one photo). Train: random window starts (len = sum of ceil(T / L) over clips), and with probability
-    random_frame_p a random frame of the clip as P̄ (A2LConfig.pbar_frame_prob); eval: fixed windows tiling each
-    clip, the last one shifted to its end. Items: dict(landmarks (L, 478, 3), p_bar (478, 3), mel_ctx (L, C, 80)).
+    Canonical landmarks and the padded log-mel are computed once per clip (the per-frame context windows are
+    unfolded from it per item: 5x less memory than caching them); with `cache` (a folder) they are stored there
+    as .npy files and read back memory-mapped, so a dataset larger than memory trains in flat memory. Clips
+    without sound (has_audio False, e.g. a silent video in a prepared folder) are skipped. P̄ = mean canonical
+    mesh of the clip's identity over all given clips, or with p_bar="first_frame" the clip's first frame (what
+    sample.py has: one photo). Train items are (index, seed) pairs (common.step_items): a random window start
+    in the clip the index falls in (len = sum of ceil(T / L) over clips) and, with probability random_frame_p,
+    a random frame of the clip as P̄ (A2LConfig.pbar_frame_prob), both drawn from the seed, which the item
+    carries on to the loss. Eval items are plain indices of fixed windows tiling each clip, the last one shifted
+    to its end. Items: dict(landmarks (L, 478, 3), p_bar (478, 3), mel_ctx (L, C, 80)[, seed]).
     """
 
     def __init__(self, npz_paths, window: int, train: bool = True, context_frames: int = 2, n_mels: int = 80,
-                 p_bar: str = "identity", random_frame_p: float = 0.0):
+                 p_bar: str = "identity", random_frame_p: float = 0.0, cache: str | None = None):
         if p_bar not in ("identity", "first_frame"):
             raise ValueError(f"p_bar must be 'identity' or 'first_frame', got {p_bar!r}")
         npz_paths = list(npz_paths)
         self.window, self.train, self.context_frames = window, train, context_frames
         self.p_bar_mode, self.random_frame_p = p_bar, random_frame_p
-        self.clips = []          # dicts: P (T, 478, 3) canonical float32, mel (4T + 8k, 80) padded log-mel, identity
-        for path in npz_paths:
-            clip = self._load_clip(str(path), context_frames, n_mels)
+        self.clips = []  # dicts: P (T, 478, 3) canonical float32, mel (4T + 8k, 80) padded log-mel, identity, sums
+        for path in tqdm(npz_paths, desc="A2L clips", leave=False, disable=len(npz_paths) < 8):
+            clip = _cached_clip(str(path), context_frames, n_mels, cache)
+            if clip is None:
+                continue
             if clip["P"].shape[0] < window:
                 warnings.warn(f"{path}: {clip['P'].shape[0]} frames < window {window}; clip skipped")
                 continue
             self.clips.append(clip)
         if not self.clips:
-            raise UsageError(f"no clip with at least {window} frames among {len(npz_paths)} files; "
+            raise UsageError(f"no clip with sound and at least {window} frames among {len(npz_paths)} files; "
                              "generate longer clips or use a shorter window")
         self._set_p_bar()
         if train:
@@ -490,54 +501,99 @@ class A2LWindows(torch.utils.data.Dataset):
             counts = None
         self._cum = np.cumsum(counts).tolist() if counts else None
 
-    @staticmethod
-    def _load_clip(path, context_frames, n_mels):
-        clip = clips.load_clip(path)
-        P = clip["landmarks"]
-        if clip["fps"] != FPS:
-            raise UsageError(f"{path}: clip is {clip['fps']:g} fps, A2L expects {FPS} fps")
-        P_canon, _ = landmarks.canonicalize(P)
-        audio = clip["audio"]
-        wave = prepare_wave(audio.reshape(audio.shape[0], -1), clip["sample_rate"], source=path)
-        mel = padded_log_mel(wave, num_frames=P.shape[0], context_frames=context_frames, n_mels=n_mels)
-        return {"P": torch.as_tensor(np.asarray(P_canon, dtype=np.float32)), "mel": mel, "identity": clip["identity"]}
-
     def _set_p_bar(self):
         sums, counts = {}, {}
         for clip in self.clips:
             key = clip["identity"]
-            sums[key] = sums.get(key, 0) + clip["P"].sum(0)      # (478, 3)
+            sums[key] = sums.get(key, 0) + clip["sum"]          # (478, 3) float64
             counts[key] = counts.get(key, 0) + clip["P"].shape[0]
+        self.identity_stats = {k: (sums[k], counts[k]) for k in sums}
         for clip in self.clips:
-            identity_mean = sums[clip["identity"]] / counts[clip["identity"]]
+            identity_mean = torch.from_numpy((sums[clip["identity"]] / counts[clip["identity"]]).astype(np.float32))
             clip["p_bar"] = clip["P"][0].clone() if self.p_bar_mode == "first_frame" else identity_mean
 
     def __len__(self):
         return self._cum[-1] if self.train else len(self.items)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        extra = {}
         if self.train:
+            index, seed = item
+            gen = torch.Generator().manual_seed(seed)
             k = bisect.bisect_right(self._cum, index)
             T = self.clips[k]["P"].shape[0]
-            start = int(torch.randint(0, T - self.window + 1, ()))
+            start = int(torch.randint(0, T - self.window + 1, (), generator=gen))
+            extra["seed"] = seed
         else:
-            k, start = self.items[index]
+            k, start = self.items[item]
         clip = self.clips[k]
         end = start + self.window
         mel_ctx = unfold_context(clip["mel"][MEL_PER_FRAME * start:MEL_PER_FRAME * (end + 2 * self.context_frames)],
                                  self.context_frames)                  # (L, C, 80)
         p_bar = clip["p_bar"]
-        if self.train and self.random_frame_p > 0 and float(torch.rand(())) < self.random_frame_p:
-            p_bar = clip["P"][int(torch.randint(0, clip["P"].shape[0], ()))]  # one frame, as a photo would give
-        return {"landmarks": clip["P"][start:end], "p_bar": p_bar, "mel_ctx": mel_ctx}
+        if self.train and self.random_frame_p > 0 and float(torch.rand((), generator=gen)) < self.random_frame_p:
+            p_bar = clip["P"][int(torch.randint(0, clip["P"].shape[0], (), generator=gen))]  # one frame, a photo's
+        return {"landmarks": clip["P"][start:end].clone(), "p_bar": p_bar.clone(), "mel_ctx": mel_ctx, **extra}
+
+
+def _features(path: str, context_frames: int, n_mels: int) -> dict | None:
+    """Canonical landmarks (T, 478, 3) and padded log-mel of one clip; None for a clip without sound."""
+    clip = clips.load_clip(path)
+    if not clip["has_audio"]:
+        return None
+    P = clip["landmarks"]
+    if clip["fps"] != FPS:
+        raise UsageError(f"{path}: clip is {clip['fps']:g} fps, A2L expects {FPS} fps")
+    P_canon, _ = landmarks.canonicalize(P)
+    audio = clip["audio"]
+    wave = prepare_wave(audio.reshape(audio.shape[0], -1), clip["sample_rate"], source=path)
+    mel = padded_log_mel(wave, num_frames=P.shape[0], context_frames=context_frames, n_mels=n_mels)
+    return {"P": np.asarray(P_canon, dtype=np.float32), "mel": mel.numpy(), "identity": clip["identity"]}
+
+
+def _cached_clip(path: str, context_frames: int, n_mels: int, cache: str | None) -> dict | None:
+    """_features of a clip as torch tensors with the per-coordinate sums P̄ and the residual std are made of
+    (so no pass over every frame is needed later); with `cache`, stored there once and memory-mapped."""
+    if cache is None:
+        feats = _features(path, context_frames, n_mels)
+        if feats is None:
+            return None
+        P = feats["P"].astype(np.float64)
+        meta = {"identity": feats["identity"], "sum": P.sum(0), "sumsq": (P ** 2).sum(0)}
+        return {"P": torch.from_numpy(feats["P"]), "mel": torch.from_numpy(feats["mel"]), **meta}
+    stat = os.stat(path)
+    key = hashlib.sha1(json.dumps([os.path.abspath(path), stat.st_mtime_ns, stat.st_size, context_frames,
+                                   n_mels]).encode()).hexdigest()[:16]
+    stem = os.path.join(cache, "a2l", key)
+    if not os.path.exists(stem + ".meta.npz"):
+        feats = _features(path, context_frames, n_mels)
+        if feats is None:
+            meta = {"silent": True}
+        else:
+            P = feats["P"].astype(np.float64)
+            meta = {"silent": False, "identity": feats["identity"], "sum": P.sum(0), "sumsq": (P ** 2).sum(0)}
+            for name in ("P", "mel"):
+                atomic_write(f"{stem}.{name}.npy", lambda tmp: np.save(open(tmp, "wb"), feats[name]))
+        atomic_write(stem + ".meta.npz", lambda tmp: np.savez(open(tmp, "wb"), **meta))  # last: marks it done
+    with np.load(stem + ".meta.npz") as z:
+        meta = {k: z[k] for k in z.files}
+    if meta["silent"]:
+        return None
+    mapped = {name: torch.from_numpy(np.load(f"{stem}.{name}.npy", mmap_mode="c")) for name in ("P", "mel")}
+    return {**mapped, "identity": str(meta["identity"]), "sum": meta["sum"], "sumsq": meta["sumsq"]}
 
 
 def compute_residual_std(dataset: A2LWindows, rel_floor: float = 0.05) -> torch.Tensor:
-    """Per-coordinate std (1434,) of P - P̄ over every frame of every clip. Coordinates that barely move are
-    floored at rel_floor x the largest std, so near-rigid points are not blown up to unit-variance noise."""
-    residuals = torch.cat([(clip["P"] - clip["p_bar"]).reshape(clip["P"].shape[0], -1)
-                           for clip in dataset.clips])               # (sum T, 1434)
-    std = residuals.std(dim=0)
+    """Per-coordinate std (1434,) of P - P̄ (P̄ the identity's mean) over every frame of every clip, from the
+    clips' stored sums (no pass over the frames). Coordinates that barely move are floored at rel_floor x the
+    largest std, so near-rigid points are not blown up to unit-variance noise."""
+    sumsq = {}
+    for clip in dataset.clips:
+        sumsq[clip["identity"]] = sumsq.get(clip["identity"], 0) + clip["sumsq"]
+    squares = sum(sumsq[k] - total ** 2 / n for k, (total, n) in dataset.identity_stats.items())  # (478, 3)
+    frames = sum(n for _, n in dataset.identity_stats.values())
+    var = np.maximum(squares, 0).reshape(-1) / max(frames - 1, 1)  # the residuals' mean is 0 by construction
+    std = torch.from_numpy(np.sqrt(var).astype(np.float32))
     return std.clamp_min(max(float(std.max()) * rel_floor, 1e-6))
 
 

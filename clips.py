@@ -12,10 +12,17 @@ A clip is `NAME.npz` with the frames in a video beside it (`NAME.mp4`, or the fi
               sample_rate  Hz of `audio`
               frame_size   (H, W) of the frames the landmarks are measured in (a single int: square frames)
               identity     who is speaking (a string; clips of one identity share their mean mesh P̄)
-    optional  anything else, e.g. the synthetic generator's text, phonemes (P, 2) and phoneme_ipa (P,)
+    optional  has_audio    False for a video without sound (then no audio): the image stages use it, A2L skips it
+              crops        "NAME.crops.npy" beside: uint8 (T, S, S, 3) face crops, with crop_landmarks (T, 478, 3)
+                           in their pixels, crop_size S and crop_face_iod (landmarks.crop_clip_faces); the stages
+                           read these instead of decoding the video when their framing matches
+              anything else, e.g. the synthetic generator's text, phonemes (P, 2) and phoneme_ipa (P,)
+
+A folder of clips is either NAME.npz files side by side, or a prepared folder (`python prepare.py`, from
+ordinary videos) whose manifest.json lists its clips with their identity-disjoint split (train / test).
 
 `load_clip` is the one loader of every stage; `save_clip` writes one (the video with its sound track first,
-then the npz, each atomically). `clip_frames` decodes the frames of many clips once into a cached array.
+then the npz, each atomically). `clip_frames` decodes the frames of many clips once into a memory-mapped cache.
 """
 from __future__ import annotations
 
@@ -33,28 +40,45 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 import soundfile
+from tqdm import tqdm
 
 import landmarks
 from cli import UsageError, disk_error
-from common import atomic_write, temp_beside
+from common import NpyWriter, atomic_write, temp_beside
 
 FPS = 25
 SAMPLE_RATE = 16000
 MAX_FRAME_MISMATCH = 2  # frames a decoded video may differ from its landmarks (container rounding)
 REQUIRED_FIELDS = ("landmarks", "fps", "audio", "sample_rate", "frame_size", "identity")
+SILENT_FIELDS = ("landmarks", "fps", "frame_size", "identity")  # a clip with has_audio False
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The clip format
 # ------------------------------------------------------------------------------------------------------------
 
-def clip_paths(folder: str) -> list[str]:
-    """The clips (npz files) of a folder, sorted; UsageError when there is none."""
+def clip_paths(folder: str, split: str | None = None) -> list[str]:
+    """The clips (npz files) of a folder, sorted; of a prepared folder (manifest.json), those of `split`
+    (train / test; all when None). UsageError when there is none."""
+    manifest = os.path.join(folder, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            listed = json.load(f)["clips"]
+        paths = [os.path.join(folder, c["npz"]) for c in listed if split is None or c["split"] == split]
+        if not paths:
+            raise UsageError(f"the prepared folder {folder} has no {split or ''} clips; prepare more videos (or "
+                             "give others to the test split: prepare.py --test-regex / --test-list)")
+        return paths
     paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
     if not paths:
         raise UsageError(f"no clips (*.npz with their video beside) in {folder}; make some with "
-                         "`python data.py synth` or write them with clips.save_clip")
+                         "`python data.py synth`, `python prepare.py VIDEOS OUT` or write them with clips.save_clip")
     return paths
+
+
+def is_prepared(folder: str | None) -> bool:
+    """Whether folder is a prepared folder (prepare.py's manifest.json), whose test split serves for evaluation."""
+    return folder is not None and os.path.isfile(os.path.join(folder, "manifest.json"))
 
 
 def load_clip(npz_path: str) -> dict:
@@ -71,10 +95,11 @@ def load_clip(npz_path: str) -> dict:
     folder = os.path.dirname(os.path.abspath(npz_path))
     if "audio" not in clip and "audio_path" in clip:
         clip["audio"], clip["sample_rate"] = _read_sound(os.path.join(folder, str(clip["audio_path"])), npz_path)
-    missing = [k for k in REQUIRED_FIELDS if k not in clip]
+    needed = REQUIRED_FIELDS if clip.get("has_audio", True) else SILENT_FIELDS
+    missing = [k for k in needed if k not in clip]
     if missing:
         raise UsageError(f"{npz_path} lacks {', '.join(missing)}; a clip needs {', '.join(REQUIRED_FIELDS)} "
-                         "(audio may be an audio_path instead)")
+                         "(audio may be an audio_path instead, or absent with has_audio False)")
     clip["video"] = os.path.join(folder, str(clip["video"])) if "video" in clip else npz_path[:-4] + ".mp4"
     return _normalise(clip, npz_path)
 
@@ -95,13 +120,17 @@ def _normalise(clip: dict, name: str) -> dict:
     size = np.asarray(clip["frame_size"]).reshape(-1)
     if size.size not in (1, 2) or (size <= 0).any():
         raise UsageError(f"{name}: frame_size must be (H, W) or one side, got {clip['frame_size']}")
-    audio = np.asarray(clip["audio"])
-    if audio.ndim not in (1, 2) or audio.size == 0:
-        raise UsageError(f"{name}: audio must be (S,) or (S, channels) samples, got {audio.shape}")
-    out = {**clip, "landmarks": P, "fps": float(clip["fps"]), "sample_rate": int(clip["sample_rate"]),
-           "frame_size": (int(size[0]), int(size[-1])), "identity": str(clip["identity"]), "audio": audio}
+    out = {**clip, "landmarks": P, "fps": float(clip["fps"]), "frame_size": (int(size[0]), int(size[-1])),
+           "identity": str(clip["identity"]), "has_audio": bool(clip.get("has_audio", True))}
+    if out["has_audio"]:
+        audio = np.asarray(clip["audio"])
+        if audio.ndim not in (1, 2) or audio.size == 0:
+            raise UsageError(f"{name}: audio must be (S,) or (S, channels) samples, got {audio.shape}")
+        out.update(audio=audio, sample_rate=int(clip["sample_rate"]))
+    if "crops" in clip:
+        out["crops"] = os.path.join(os.path.dirname(os.path.abspath(name)), str(clip["crops"]))
     for key, value in clip.items():  # extras: numpy strings back to Python strings
-        if key not in REQUIRED_FIELDS and isinstance(value, np.ndarray) and value.dtype.kind == "U":
+        if key not in REQUIRED_FIELDS + ("crops",) and isinstance(value, np.ndarray) and value.dtype.kind == "U":
             out[key] = str(value) if value.ndim == 0 else [str(s) for s in value]
     return out
 
@@ -127,29 +156,45 @@ def save_clip(stem: str, clip: dict) -> None:
 
 def clip_frames(paths: list[str], size: int, cache: str, face_iod: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """All frames of the clips at size x size, uint8 (N, size, size, 3), and their landmarks in those pixels
-    (N, 478, 3); decoded once and cached as .npy (memory-mapped on later runs). face_iod 0 resizes whole frames;
-    face_iod > 0 cuts face crops with that inter-ocular fraction out of the full-resolution frames
-    (landmarks.crop_clip_faces, as VAEConfig.face_iod and L2IConfig.face_iod ask)."""
+    (N, 478, 3), both memory-mapped from .npy files in `cache`, written clip by clip on first use (memory stays
+    that of one clip however many there are). face_iod 0 resizes whole frames; face_iod > 0 cuts face crops
+    with that inter-ocular fraction out of the full-resolution frames (landmarks.crop_clip_faces, as
+    VAEConfig.face_iod and L2IConfig.face_iod ask), or takes a prepared clip's stored crops."""
     framing = [face_iod] if face_iod else []  # the rendered framing keeps its cache keys
     key = hashlib.sha1(json.dumps([os.path.abspath(p) for p in paths] + [size] + framing).encode()).hexdigest()[:12]
     f_path, l_path = (os.path.join(cache, "frames", f"{key}_{n}.npy") for n in ("frames", "landmarks"))
     if not (os.path.exists(f_path) and os.path.exists(l_path)):
-        frames, lmks = [], []
-        for p in paths:
-            clip = load_clip(p)
-            video, P = decoded_clip(clip, size, face_iod)
-            frames.append(video)
-            lmks.append(P)
-        atomic_write(f_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(frames)))
-        atomic_write(l_path, lambda tmp: np.save(open(tmp, "wb"), np.concatenate(lmks).astype(np.float32)))
-    return np.load(f_path, mmap_mode="r"), np.load(l_path)
+        with NpyWriter(f_path, (size, size, 3), np.uint8) as frames, \
+                NpyWriter(l_path, (landmarks.NUM_LANDMARKS, 3), np.float32) as lmks:
+            for p in tqdm(paths, desc="frames", unit="clip", leave=False, disable=len(paths) < 8):
+                video, P = decoded_clip(load_clip(p), size, face_iod)
+                frames.write(video)
+                lmks.write(P)
+    return np.load(f_path, mmap_mode="r"), np.load(l_path, mmap_mode="r")
+
+
+def prepared_crops(clip: dict, size: int, face_iod: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """A prepared clip's stored face crops resized to size (uint8 (T, size, size, 3)) with their landmarks, when
+    they have this framing and at least this size; else None (the video is decoded)."""
+    if "crops" not in clip or not face_iod or abs(float(clip["crop_face_iod"]) - face_iod) > 1e-6 \
+            or int(clip["crop_size"]) < size:
+        return None
+    crops = np.load(clip["crops"], mmap_mode="r")  # (T, S, S, 3)
+    S = int(clip["crop_size"])
+    if S != size:
+        crops = np.stack([cv2.resize(np.asarray(c), (size, size), interpolation=cv2.INTER_AREA) for c in crops])
+    return np.asarray(crops), np.asarray(clip["crop_landmarks"], np.float32) * np.float32(size / S)
 
 
 def decoded_clip(clip: dict, size: int, face_iod: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(frames uint8 (T, size, size, 3), landmarks (T, 478, 3) in their pixels) of one loaded clip: the frames
     resized whole (face_iod 0; each axis scaled on its own) or face crops (face_iod > 0); clip["frames"] is used
     when present, else its video is decoded. T = the shorter of the video and the landmarks (decoders may round
-    a container's length by a frame or two; a larger difference is an error)."""
+    a container's length by a frame or two; a larger difference is an error). A prepared clip's stored crops
+    serve when their framing matches (prepared_crops)."""
+    stored = prepared_crops(clip, size, face_iod)
+    if stored is not None:
+        return stored
     if "frames" in clip:
         video = np.asarray(clip["frames"])
         if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:

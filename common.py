@@ -8,10 +8,13 @@ Not a box of the paper's figure: this is the machinery around it.
 * Configs: `option` (a dataclass field with its `--help` sentence), `Config` (named presets and dict round
   trips shared by `VAEConfig`, `A2LConfig` and `L2IConfig`) and `TrainConfig`, the one block of training
   settings every stage config carries (`config.train`), so every checkpoint records how it was trained.
-* Checkpoints: one dict `{stage, version, config, model, ema, optimizer, step, extra, history, rng}`
+* Checkpoints: one dict `{stage, version, config, model, ema, optimizer, step, extra, history}`
   (`save_checkpoint`, `load_checkpoint`, which checks the version and upgrades older layouts), `weights_sha1`
   (a fingerprint of a model's weights, how an L2I checkpoint names the VAE it was trained on).
-* Training: `EMA` of the weights, the learning-rate schedule `lr_at`, and `pick_device`.
+* Training: `EMA` of the weights, the learning-rate schedule `lr_at`, `pick_device`, and the random draws that
+  make a step the same on any number of processes and after any resume: `step_items` (a step's global batch of
+  items and sample seeds) and `SampleRandom` (each sample's draws from its own seed).
+* Caches larger than memory: `NpyWriter` writes an .npy array piece by piece (read back memory-mapped).
 """
 from __future__ import annotations
 
@@ -69,6 +72,52 @@ def atomic_write(path: str, write_fn) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class NpyWriter:
+    """Write one .npy array row block by row block, so a cache larger than memory never exists whole:
+    `with NpyWriter(path, (H, W, 3), np.uint8) as w: w.write(rows)` gives an (N, H, W, 3) array, N being the
+    rows written. The file appears under `path` only when the block closes without error (a temporary beside
+    it until then, as atomic_write); the header, of fixed length, is rewritten with N at the end."""
+    HEADER = 256  # bytes of magic + header, a multiple of 64 as the .npy format asks
+
+    def __init__(self, path: str, row_shape: tuple, dtype):
+        self.path, self.row_shape, self.dtype = path, tuple(int(n) for n in row_shape), np.dtype(dtype)
+        self.rows = 0
+
+    def _header(self) -> bytes:
+        info = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                "shape": (self.rows, *self.row_shape)}
+        text = repr(info).encode("latin1")
+        body = self.HEADER - 10  # magic (6) + version (2) + length (2)
+        return b"\x93NUMPY\x01\x00" + body.to_bytes(2, "little") + text.ljust(body - 1) + b"\n"
+
+    def __enter__(self):
+        self.tmp = temp_beside(self.path)
+        self.file = open(self.tmp, "wb")
+        self.file.write(self._header())
+        return self
+
+    def write(self, rows) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"rows {rows.shape} do not match the row shape {self.row_shape}")
+        self.file.write(rows.tobytes())
+        self.rows += len(rows)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.file.seek(0)
+                self.file.write(self._header())
+            self.file.close()
+            if exc_type is None:
+                os.chmod(self.tmp, 0o644)
+                os.replace(self.tmp, self.path)
+        finally:
+            self.file.close()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
@@ -139,7 +188,10 @@ class TrainConfig(Config):
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay.")
     warmup: int = option(500, "Steps of linear learning-rate warm-up before the cosine decay.")
     steps: int = option(10_000, "Optimizer steps in the whole run; the cosine decay ends here.")
-    batch_size: int = option(8, "Training samples per optimizer step on each process.")
+    batch_size: int = option(8, "Training samples per optimizer step on each process (the global batch is this "
+                             "times the number of processes).")
+    accum: int = option(1, "Micro-batches each process splits its batch into, adding their gradients before the "
+                        "step (gradient accumulation: the same step in 1/accum of the activation memory).")
     ema_decay: float = option(0.999, "Decay of the exponential moving average of the weights that sampling uses.")
     grad_clip: float = option(1.0, "Gradients are clipped to this global L2 norm before each step.")
 
@@ -245,6 +297,47 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.shadow = {k: v.clone() for k, v in state.items()}
+
+
+def step_items(seed: int, step: int, num_items: int, global_batch: int) -> list[tuple[int, int]]:
+    """The global batch of optimizer step `step`: global_batch (item index, sample seed) pairs drawn with
+    replacement from a generator seeded by (seed, step) alone. Each process takes its slice and each sample
+    draws all its randomness (augmentation, noise, timestep, condition dropout) from its own seed
+    (`SampleRandom`), so a batch is the same on one process or split over many, and resuming at any step
+    replays exactly what an uninterrupted run would have drawn."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    index = torch.randint(num_items, (global_batch,), generator=gen)
+    seeds = torch.randint(2**62, (global_batch,), generator=gen)
+    return list(zip(index.tolist(), seeds.tolist()))
+
+
+class SampleRandom:
+    """Random draws for a batch whose samples each carry a seed (B,): every draw is made per sample from that
+    sample's own generator and stacked, so sample b's numbers do not depend on the batch it sits in."""
+
+    def __init__(self, seeds, device=None):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in torch.as_tensor(seeds).tolist()]
+        self.device = device
+
+    @classmethod
+    def fresh(cls, batch: int, device=None) -> "SampleRandom":
+        """Seeds from torch's global generator, for callers outside the training loop (tests, notebooks)."""
+        return cls(torch.randint(2**62, (batch,)), device)
+
+    def _stack(self, draw) -> torch.Tensor:
+        return torch.stack([draw(g) for g in self.generators]).to(self.device)
+
+    def randn(self, *shape) -> torch.Tensor:
+        """(B, *shape) standard normal."""
+        return self._stack(lambda g: torch.randn(shape, generator=g))
+
+    def rand(self, *shape) -> torch.Tensor:
+        """(B, *shape) uniform in [0, 1)."""
+        return self._stack(lambda g: torch.rand(shape, generator=g))
+
+    def randint(self, high: int, *shape) -> torch.Tensor:
+        """(B, *shape) integers in [0, high)."""
+        return self._stack(lambda g: torch.randint(high, shape, generator=g))
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:

@@ -13,8 +13,8 @@ the two have in common, written by hand in plain PyTorch:
   Conventions follow the diffusers `DDPMScheduler` / `DDIMScheduler` so the two can be cross-checked
   (`tests/test_scheduler.py` does): timesteps 0..T-1, "leading" spacing by default, the same method names
   (`add_noise`, `set_timesteps`, `step`, `get_velocity`, `previous_timestep`).
-* Classifier-free guidance (Ho & Salimans 2022): `drop_condition_mask` at training time, `cfg_combine` at
-  sampling time.
+* Classifier-free guidance (Ho & Salimans 2022): `cfg_combine` at sampling time (the stages' losses drop their
+  conditions with each sample's own draw, common.SampleRandom).
 * Blocks: sinusoidal timestep embedding (Vaswani et al. 2017; as used in DDPM), multi-head self-attention on
   `F.scaled_dot_product_attention` (the A2L Temporal Unit and the L2I self-attention), and AdaLN modulation
   (Peebles & Xie 2023, DiT) used by the A2L units.
@@ -241,13 +241,6 @@ class NoiseScheduler:
 # ----------------------------------------------------------------------------------------------------------
 # Classifier-free guidance (Ho & Salimans 2022)
 # ----------------------------------------------------------------------------------------------------------
-
-def drop_condition_mask(batch: int, p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) bool, True where the condition is dropped (replaced by the null condition) during training."""
-    if p <= 0:
-        return torch.zeros(batch, dtype=torch.bool, device=device)
-    return torch.rand(batch, generator=generator, device=device) < p
-
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Guided prediction uncond + s (cond - uncond); s = 1 gives the conditional prediction."""

@@ -31,6 +31,9 @@ inside a feathered mouth mask, so everything outside the mouth keeps the source 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +46,7 @@ import clips
 import diffusion
 import landmarks
 from cli import UsageError
-from common import Config, TrainConfig, option, to_tensor_image, train_settings
+from common import Config, SampleRandom, TrainConfig, atomic_write, option, to_tensor_image, train_settings
 
 COND_KEYS = ("mask", "ref", "ref_lmk", "lmk")  # condition latents, in slot order
 REFERENCE_KEYS = ("ref", "ref_lmk")  # the reference pair (dropped by use_reference=False)
@@ -359,17 +362,19 @@ class L2I(nn.Module):
         return {**cond, **{k: self.null_lmk for k in LANDMARK_KEYS if k in cond}}
 
     def loss(self, z0: torch.Tensor, cond: dict):
-        """The eps-MSE of [L2I: eps_theta] (optionally weighted inside the mouth box). Returns (loss, logs)."""
+        """The eps-MSE of [L2I: eps_theta] (optionally weighted inside the mouth box). Every random draw comes from
+        the samples' seeds cond["seed"] (B,) (fresh ones when absent). Returns (loss, logs)."""
         C, s = self.config.latent_channels, self.config.latent_size
         if z0.dim() != 4 or z0.shape[1:] != (C, s, s):
             raise ValueError(f"z0 must be (B, {C}, {s}, {s}), got {tuple(z0.shape)}")
         B = z0.shape[0]
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, self.config.num_train_timesteps, (B,), device=z0.device)
+        rng = SampleRandom(cond["seed"], z0.device) if "seed" in cond else SampleRandom.fresh(B, z0.device)
+        noise = rng.randn(C, s, s).to(z0.dtype)                          # (B, C, s, s)
+        t = rng.randint(self.config.num_train_timesteps)                 # (B,)
         z_t = self.scheduler.add_noise(z0, noise, t)
         drop = torch.zeros(B, dtype=torch.bool, device=z0.device)
         if self.training and self.config.cfg_dropout > 0:
-            drop = diffusion.drop_condition_mask(B, self.config.cfg_dropout, z0.device)
+            drop = rng.rand() < self.config.cfg_dropout                  # (B,) True: landmarks dropped
             cond = self.drop_landmarks(cond, drop)
         eps_hat = self.unet(z_t, t, cond)
         err = (eps_hat - self.scheduler.training_target(z0, noise, t)) ** 2  # (B, C, h, w)
@@ -496,11 +501,12 @@ class L2IFrames(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def reference_index(self, i: int, T: int) -> int:
-        """The reference frame j = i +- tau for target i in a clip of T frames (the other side near the ends)."""
+    def reference_index(self, i: int, T: int, generator: torch.Generator | None = None) -> int:
+        """The reference frame j = i +- tau for target i in a clip of T frames (the other side near the ends);
+        in training drawn from `generator` (a training item's seed)."""
         if self.train:
-            tau = int(torch.randint(self.tau_min, self.tau_max + 1, ()).item())
-            sign = -1 if not self.tau_both_sides or torch.rand(()).item() < 0.5 else 1
+            tau = int(torch.randint(self.tau_min, self.tau_max + 1, (), generator=generator).item())
+            sign = -1 if not self.tau_both_sides or torch.rand((), generator=generator).item() < 0.5 else 1
         else:
             tau, sign = self.tau_max, -1
         j = i + sign * tau
@@ -533,20 +539,41 @@ class L2ILatents(torch.utils.data.Dataset):
     I^P_ref of frame j), so three latents per frame are enough: E(frame), E(masked frame), E(landmark image).
     Training then needs no VAE pass at all. Items: z0 = E(I_i), mask, ref, ref_lmk, lmk (C, h, w) latents,
     mouth (1, size, size) and clip, frame, ref_frame; `L2I.loss(item["z0"], item)` takes a collated batch as is.
-    Memory: 3 latents per frame (about 12 kB at 4x16x16) on CPU."""
+    A training item is an (index, seed) pair (common.step_items): the reference frame is drawn from the seed,
+    which the item carries on to the loss. Memory: 3 latents per frame (about 12 kB at 4x16x16) on CPU; built
+    with `cached`, they live memory-mapped on disk instead, so a dataset larger than memory trains in flat memory.
+    """
 
-    def __init__(self, frames: L2IFrames, vae, batch_size: int = 64, latents: list | None = None):
+    def __init__(self, frames: L2IFrames, vae, batch_size: int = 64):
         self.frames = frames
-        self.latents = latents or []  # per clip: {"frame", "mask", "lmk"} -> (T, C, h, w) float32 on CPU
-        if latents is not None:  # encoded before (train.py caches them on disk per VAE checkpoint)
-            if len(latents) != len(frames.clips):
-                raise ValueError(f"{len(latents)} cached latent clips for {len(frames.clips)} clips")
-            return
         device = next(vae.parameters()).device
+        self.latents = []  # per clip: (T, 3, C, h, w) float32, E of [frame, masked frame, landmark image]
         for clip in tqdm(frames.clips, desc="L2I encode", leave=False, disable=len(frames.clips) < 4):
             masked = np.stack([landmarks.apply_mouth_mask(f, b) for f, b in zip(clip["frames"], clip["boxes"])])
-            images = {"frame": clip["frames"], "mask": masked, "lmk": clip["lmk_images"]}
-            self.latents.append({k: self._encode(vae, v, batch_size, device) for k, v in images.items()})
+            images = (clip["frames"], masked, clip["lmk_images"])
+            self.latents.append(torch.stack([self._encode(vae, v, batch_size, device) for v in images], 1))
+
+    @classmethod
+    def cached(cls, paths: list[str], vae, key: str, cache: str, **frame_kw) -> "L2ILatents":
+        """The latents of clips encoded one clip at a time into `cache` (.npy files per clip, keyed by the clip
+        file, `key` (the VAE checkpoint) and the framing in frame_kw (L2IFrames' arguments)), memory-mapped."""
+        self = cls.__new__(cls)
+        self.frames = _ClipIndex(frame_kw)
+        self.latents = []
+        for path in tqdm(paths, desc="L2I latents", unit="clip", leave=False, disable=len(paths) < 4):
+            stat = os.stat(path)
+            framing = [frame_kw["size"], frame_kw.get("mask_expand", 0.15), frame_kw.get("face_iod", 0.0)]
+            name = hashlib.sha1(json.dumps([os.path.abspath(path), stat.st_mtime_ns, stat.st_size, key,
+                                            framing]).encode()).hexdigest()[:16]
+            stem = os.path.join(cache, "l2i_latents", name)
+            if not os.path.exists(stem + ".boxes.npy"):
+                one = cls(L2IFrames([path], **{**frame_kw, "train": False}), vae)
+                atomic_write(stem + ".latents.npy", lambda tmp: np.save(open(tmp, "wb"), one.latents[0].numpy()))
+                boxes = np.asarray(one.frames.clips[0]["boxes"], np.int64)  # (T, 4)
+                atomic_write(stem + ".boxes.npy", lambda tmp: np.save(open(tmp, "wb"), boxes))  # last: done
+            self.latents.append(torch.from_numpy(np.load(stem + ".latents.npy", mmap_mode="c")))
+            self.frames.add(np.load(stem + ".boxes.npy"))
+        return self
 
     @staticmethod
     def _encode(vae, images: np.ndarray, batch_size: int, device) -> torch.Tensor:
@@ -556,15 +583,31 @@ class L2ILatents(torch.utils.data.Dataset):
         return torch.cat(chunks)  # (T, C, h, w)
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return len(self.frames.index)
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        idx, seed = item if isinstance(item, tuple) else (item, None)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         c, i = self.frames.index[idx]
-        z = self.latents[c]
-        j = self.frames.reference_index(i, len(z["frame"]))
+        z = self.latents[c]  # (T, 3, C, h, w)
+        j = self.frames.reference_index(i, len(z), gen)
         mouth = torch.from_numpy(_box_mask(self.frames.clips[c]["boxes"][i], self.frames.size))
-        return {"z0": z["frame"][i], "mask": z["mask"][i], "ref": z["frame"][j], "ref_lmk": z["lmk"][j],
-                "lmk": z["lmk"][i], "mouth": mouth, "clip": c, "frame": i, "ref_frame": j}
+        out = {"z0": z[i, 0].clone(), "mask": z[i, 1].clone(), "ref": z[j, 0].clone(), "ref_lmk": z[j, 2].clone(),
+               "lmk": z[i, 2].clone(), "mouth": mouth, "clip": c, "frame": i, "ref_frame": j}
+        return out if seed is None else {**out, "seed": seed}
+
+
+class _ClipIndex(L2IFrames):
+    """What L2ILatents reads of its L2IFrames (frame index, mouth boxes, reference choice) without the frames."""
+
+    def __init__(self, kw: dict):
+        self.size, self.tau_min, self.tau_max = kw["size"], kw["tau_min"], kw["tau_max"]
+        self.train, self.tau_both_sides = kw.get("train", True), kw.get("tau_both_sides", True)
+        self.clips, self.index = [], []
+
+    def add(self, boxes: np.ndarray) -> None:
+        self.index += [(len(self.clips), i) for i in range(len(boxes))]
+        self.clips.append({"boxes": boxes})
 
 
 def paste_back(generated: np.ndarray, source: np.ndarray, soft_mask: np.ndarray) -> np.ndarray:

@@ -209,7 +209,8 @@ def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=2
 
 
 def clips_or_synthetic(folder: str | None, split: str, count: int, seed: int = 0, cache: str = "cache") -> list[str]:
-    """The clips of `folder` (clips.clip_paths), or `count` synthetic clips of `split` generated on first use."""
+    """The clips of `folder` (clips.clip_paths; of a prepared folder, those of `split`), or `count` synthetic
+    clips of `split` generated on first use."""
     if folder is not None:
-        return clips.clip_paths(folder)
+        return clips.clip_paths(folder, split if clips.is_prepared(folder) else None)
     return ensure_synthetic(split, count, seed, root=os.path.join(cache, "synth"))

@@ -12,20 +12,26 @@ Flags: every field of the stage's config dataclass (`VAEConfig`, `A2LConfig`, `L
 block (`common.TrainConfig`) is a flag whose default comes from the chosen preset and whose help is the field's
 sentence, plus the run flags below. With no data flag the stage trains on synthetic talking heads
 (synth_clips.py) generated into cache/ on first use; `--data DIR` takes any folder of clips in the clip format
-(clips.py). The checkpoint is one dict {stage, version, config, model, ema, optimizer, step, extra, history,
-rng} (`rng`: every rank's random streams, so --resume continues exactly; an L2I checkpoint adds `vae`: the
-fingerprint and config of the VAE it was trained on) from which sample.py rebuilds everything. Ctrl-C and SIGTERM
-save a checkpoint and exit with code 130.
+(clips.py), or a folder made by `python prepare.py` from ordinary videos, whose train split it trains on and
+whose test split it evaluates on. Data is read from memory-mapped caches by a DataLoader, so memory does not
+grow with the dataset.
+
+Batches: each step's global batch (batch_size x processes items, each with its own seed) is a function of the
+run's seed and the step alone (common.step_items); each process takes its slice, in `accum` micro-batches, and
+every random draw of a sample (augmentation, noise, timestep, condition dropout) comes from its seed. So a run on
+N processes computes the same steps as one process with the same global batch, and --resume after any kill
+continues exactly as the uninterrupted run. The checkpoint is one dict {stage, version, config, model, ema,
+optimizer, step, extra, history} (an L2I checkpoint adds `vae`: the fingerprint and config of the VAE it was
+trained on) from which sample.py rebuilds everything. Ctrl-C and SIGTERM save a checkpoint and exit with 130.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
-import json
 import os
-import random
 import signal
 import sys
 import time
@@ -39,9 +45,9 @@ from tqdm import tqdm
 import landmarks
 from a2l import A2L, A2LConfig, A2LWindows, compute_residual_std, predict_clips
 from cli import ArgumentParser, UsageError, float_flag, run_cli
-from clips import clip_frames
-from common import (EMA, TRAIN_FIELDS, TrainConfig, atomic_write, load_checkpoint, lr_at, pick_device,
-                    save_checkpoint, save_png, to_tensor_image, to_uint8_image, weights_sha1)
+from clips import clip_frames, is_prepared
+from common import (EMA, TRAIN_FIELDS, SampleRandom, TrainConfig, atomic_write, load_checkpoint, lr_at, pick_device,
+                    save_checkpoint, save_png, step_items, to_tensor_image, to_uint8_image, weights_sha1)
 from dreamhead import load_model
 from l2i import L2I, L2IConfig, L2IFrames, L2ILatents, check_vae_matches
 from metrics import landmark_metrics, plot_opening, psnr
@@ -111,6 +117,9 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default="auto", help="Device: auto (CUDA when present), cpu or cuda.")
     run.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
                      help="Autocast to bf16: auto turns it on for CUDA and off on CPU.")
+    run.add_argument("--loader-workers", type=int, default=None, help="DataLoader worker processes reading the "
+                     "batches; by default 4 on CUDA and 0 on CPU (the tiny presets' items are cheap to read, and "
+                     "workers would take cores from the model).")
     run.add_argument("--threads", type=int, default=1, help="Torch CPU threads, 0 for torch's default; the tiny "
                      "presets' small ops ran 3-30x faster on 1 thread than on 2 on a shared 2-core machine.")
     run.add_argument("--seed", type=int, default=0, help="Seed of the data order, initialisation and noise.")
@@ -185,13 +194,13 @@ class VAEStage:
         self.pixel_weight, self.disc_weight_map = (
             mouth_weight_map(some, size, w).to(device) if w != 1.0 else None
             for w in (self.config.mouth_weight, self.config.disc_mouth_weight))
-        if self.config.extra_identities:
-            frames = np.concatenate([frames, extra_identity_frames(self.config.extra_identities, stored, args.seed,
-                                                                   args.cache, self.config.face_iod)])
+        if self.config.extra_identities:  # read beside the clips' frames (FrameDataset), never copied into RAM
+            frames = [frames, extra_identity_frames(self.config.extra_identities, stored, args.seed, args.cache,
+                                                    self.config.face_iod)]
         self.train = FrameDataset(frames, hflip=self.config.hflip, colour_jitter=self.config.colour_jitter,
                                   natural_mix=self.config.natural_mix, seed=args.seed,
                                   crop_scale=self.config.crop_scale, size=size)
-        e_paths = clips_or_synthetic(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
+        e_paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache)
         e_frames, e_lmks = clip_frames(e_paths, size, args.cache, self.config.face_iod)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
         self.eval_x = to_tensor_image(np.asarray(e_frames[pick]))  # (E, 3, size, size)
@@ -215,27 +224,33 @@ class VAEStage:
                                               betas=self.config.train.betas)
         return model
 
-    def batch(self, gen):
-        return self.train.random_batch(self.config.train.batch_size, gen).to(self.device)
-
-    def loss(self, model, x, step):
+    def loss(self, model, batch, step):
+        x, rng = batch["x"], SampleRandom(batch["seed"], self.device)
         if self.disc is None:
-            return vae_loss(model, x, None, step, pixel_weight=self.pixel_weight)
-        loss, logs, x_rec = vae_loss(model, x, self.disc, step, return_rec=True, pixel_weight=self.pixel_weight,
-                                     disc_weight_map=self.disc_weight_map)
-        return loss, logs, lambda: self._disc_step(model, x, x_rec, step, logs)
+            return vae_loss(model, x, None, step, pixel_weight=self.pixel_weight, rng=rng)
+        self.disc.requires_grad_(False)  # the generator term's gradient reaches x_rec through D, not D's weights
+        try:
+            loss, logs, x_rec = vae_loss(model, x, self.disc, step, return_rec=True, pixel_weight=self.pixel_weight,
+                                         disc_weight_map=self.disc_weight_map, rng=rng)
+        finally:
+            self.disc.requires_grad_(True)
+        return loss, logs, lambda micro, accum: self._disc_step(model, x, x_rec, step, logs, micro, accum)
 
-    def _disc_step(self, model, x, x_rec, step, logs):
-        self.disc_opt.zero_grad(set_to_none=True)  # the generator term wrote gradients here
+    def _disc_step(self, model, x, x_rec, step, logs, micro: int, accum: int):
+        """The discriminator's gradient of micro-batch `micro` of `accum`; its step after the last one."""
+        if micro == 0:
+            self.disc_opt.zero_grad(set_to_none=True)
         d_loss, d_logs = discriminator_loss(model, self.disc, x, x_rec, step, self.disc_weight_map)
-        d_loss.backward()
+        (d_loss / accum).backward()
+        logs.update(d_logs)
+        if micro < accum - 1:
+            return
         if dist.is_initialized():  # the discriminator is not inside DDP: average its gradients by hand
             for p in self.disc.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= dist.get_world_size()
         self.disc_opt.step()
-        logs.update(d_logs)
 
     @torch.no_grad()
     def evaluate(self, model):
@@ -276,8 +291,9 @@ class A2LStage:
         self.args, self.config, self.device = args, args.config, device
         kw = dict(context_frames=self.config.context_frames, n_mels=self.config.n_mels)
         self.train = A2LWindows(clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache),
-                                self.config.window, train=True, random_frame_p=self.config.pbar_frame_prob, **kw)
-        eval_paths = clips_or_synthetic(args.eval_data, "test", args.eval_clips, args.seed, args.cache)
+                                self.config.window, train=True, random_frame_p=self.config.pbar_frame_prob,
+                                cache=args.cache, **kw)
+        eval_paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache)
         self.eval = A2LWindows(eval_paths[:4], self.config.window, train=False, **kw)  # 4 clips: a quick check
         self.residual_std = compute_residual_std(self.train)
 
@@ -285,11 +301,6 @@ class A2LStage:
         model = A2L(self.config)
         model.set_residual_std(self.residual_std)
         return model
-
-    def batch(self, gen):
-        idx = torch.randint(len(self.train), (self.config.train.batch_size,), generator=gen).tolist()
-        batch = torch.utils.data.default_collate([self.train[i] for i in idx])
-        return {k: v.to(self.device) for k, v in batch.items()}
 
     def loss(self, model, batch, step):
         return model.loss(batch)
@@ -316,26 +327,15 @@ class L2IStage:
         cfg = self.config
         kw = dict(size=cfg.image_size, tau_min=cfg.tau_min, tau_max=cfg.tau_max, mask_expand=cfg.mask_expand,
                   face_iod=cfg.face_iod)
+        with open(self.vae_path(args), "rb") as f:
+            vae_sha = hashlib.sha1(f.read()).hexdigest()  # the latents' cache is per VAE checkpoint
         paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache)
-        self.train = self.encoded(L2IFrames(paths, train=True, tau_both_sides=cfg.tau_both_sides, **kw), paths)
-        paths = clips_or_synthetic(args.eval_data, "test", args.eval_clips, args.seed, args.cache)[:4]
+        self.train = L2ILatents.cached(paths, self.vae, vae_sha, args.cache, train=True,
+                                       tau_both_sides=cfg.tau_both_sides, **kw)
+        paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache)[:4]
         self.eval_frames = L2IFrames(paths, train=False, **kw)
-        self.eval_latents = self.encoded(self.eval_frames, paths)
+        self.eval_latents = L2ILatents(self.eval_frames, self.vae)
         self.eval_idx = np.linspace(0, len(self.eval_frames) - 1, 16).astype(int).tolist()
-
-    def encoded(self, frames, paths: list[str]):
-        """L2ILatents of these frames, cached on disk per VAE checkpoint (encoding is most of the set-up time)."""
-        with open(self.vae_path(self.args), "rb") as f:
-            vae_sha = hashlib.sha1(f.read()).hexdigest()
-        framing = [frames.face_iod] if frames.face_iod else []  # the rendered framing keeps its cache keys
-        key = hashlib.sha1(json.dumps([[os.path.abspath(p) for p in paths], frames.size, frames.mask_expand,
-                                       vae_sha] + framing).encode())
-        path = os.path.join(self.args.cache, "l2i_latents", key.hexdigest()[:12] + ".pt")
-        if os.path.exists(path):
-            return L2ILatents(frames, None, latents=torch.load(path, weights_only=True))
-        dataset = L2ILatents(frames, self.vae)
-        atomic_write(path, lambda tmp: torch.save(dataset.latents, tmp))
-        return dataset
 
     @staticmethod
     def vae_path(args) -> str:
@@ -354,10 +354,6 @@ class L2IStage:
     def _collate(self, dataset, idx):
         batch = torch.utils.data.default_collate([dataset[i] for i in idx])
         return {k: v.to(self.device) for k, v in batch.items() if v.dtype.is_floating_point}
-
-    def batch(self, gen):
-        idx = torch.randint(len(self.train), (self.config.train.batch_size,), generator=gen).tolist()
-        return self._collate(self.train, idx)
 
     def loss(self, model, batch, step):
         return model.loss(batch["z0"], batch)
@@ -449,24 +445,43 @@ def remove_stale_temporaries(folder: str) -> None:
             os.remove(path)
 
 
-def random_streams(gen: torch.Generator) -> dict:
-    """The state of every random stream a stage draws from: the batch generator (batches, the VAE's crops and
-    flips), torch's global RNG (A2L windows, L2I reference frames, the losses' noise), CUDA's, and numpy's and
-    Python's; in the checkpoint, so that --resume continues exactly as the uninterrupted run would have."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # plain ints: checkpoints load weights_only
-    return {"gen": gen.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": numpy_state, "python": random.getstate()}
+class StepSampler(torch.utils.data.Sampler):
+    """The batch sampler of a run: for each step from `start`, this process's slice of the step's global batch
+    (common.step_items, batch_size x world items), split into `accum` micro-batches of (index, seed) items."""
+
+    def __init__(self, num_items: int, settings: TrainConfig, seed: int, start: int, rank: int, world: int):
+        self.num_items, self.seed, self.start, self.total = num_items, seed, start, settings.steps
+        self.batch, self.accum, self.rank, self.world = settings.batch_size, settings.accum, rank, world
+
+    def __iter__(self):
+        micro = self.batch // self.accum
+        for step in range(self.start, self.total):
+            items = step_items(self.seed, step, self.num_items, self.batch * self.world)
+            mine = items[self.rank * self.batch:(self.rank + 1) * self.batch]
+            for m in range(self.accum):
+                yield mine[m * micro:(m + 1) * micro]
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.accum
 
 
-def restore_random_streams(gen: torch.Generator, state: dict) -> None:
-    gen.set_state(state["gen"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and len(state["cuda"]) == torch.cuda.device_count():  # else the GPUs changed
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+def batches(dataset, settings: TrainConfig, args, start: int, rank: int, world: int, device):
+    """The run's micro-batches from step `start` on, collated by a DataLoader (`--loader-workers` processes read
+    the memory-mapped caches in parallel), on the device."""
+    if settings.batch_size % settings.accum:
+        raise UsageError(f"--batch-size {settings.batch_size} is not divisible by --accum {settings.accum}; give a "
+                         "batch that splits into equal micro-batches")
+    workers = args.loader_workers if args.loader_workers is not None else (4 if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepSampler(len(dataset), settings, args.seed, start,
+                                                                            rank, world),
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    for batch in loader:
+        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def eval_folder(args) -> str | None:
+    """--eval-data, or the test split of a prepared --data folder, or None (the synthetic test split)."""
+    return args.eval_data or (args.data if is_prepared(args.data) else None)
 
 
 def global_mean(values: list[float], device: torch.device) -> float:
@@ -509,8 +524,7 @@ def _train(args) -> str:
     if rank == 0:
         remove_stale_temporaries(args.out)
     cfg = args.config
-    torch.manual_seed(args.seed + rank)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    torch.manual_seed(args.seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
     stage = stage_runner(args, device)
     model = stage.build().to(device)
     if args.init and not args.resume:
@@ -537,32 +551,20 @@ def _train(args) -> str:
         if hasattr(stage, "restore"):
             stage.restore(extra)
         ema.num_updates = step
-        saved = ckpt.get("rng") or []  # one entry per rank; rank 0's alone after an interrupt of a DDP run
-        if rank < len(saved):
-            restore_random_streams(gen, saved[rank])
-        else:  # no streams saved for this rank (or an older checkpoint): seeded by the step as well, so that it
-            torch.manual_seed(args.seed + rank + 1000 * step)  # does not replay the batches of the first steps
-            gen.manual_seed(args.seed * 1000 + rank + 1000 * step)
     loss_module = StageLoss(model, stage.loss)
     if world > 1:  # gradients are all-reduced only through DDP's forward, so the loss runs inside it
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     os.makedirs(args.out, exist_ok=True)
 
-    def checkpoint(interrupted=False):
-        # every rank's streams at the periodic saves, which all ranks reach together; after an interrupt the ranks
-        # are not in step (no collective is safe), so rank 0 saves its own alone
-        rng = [streams]
-        if world > 1 and not interrupted:
-            rng = [None] * world
-            dist.all_gather_object(rng, streams)
+    def checkpoint():
         if rank != 0:
             return
         extra.update(stage.finish(model) if hasattr(stage, "finish") else {})
         ema.copy_buffers(model)  # buffers that finish() set (e.g. the VAE's scale factor) go into the EMA too
         save_checkpoint({"stage": args.stage, "config": cfg.to_dict(), "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step, "extra": extra,
-                         "history": history, "rng": rng, **(stage.record() if hasattr(stage, "record") else {})},
+                         "history": history, **(stage.record() if hasattr(stage, "record") else {})},
                         ckpt_path)
         plot_history(history, os.path.join(args.out, "loss.png"))
 
@@ -582,27 +584,32 @@ def _train(args) -> str:
         print(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
     bar = tqdm(total=settings.steps, initial=step, disable=rank != 0, desc=f"train {args.stage}", unit="step")
+    micro_batches = batches(stage.train, settings, args, step, rank, world, device)
     t0, logs_acc = time.time(), []
-    streams = random_streams(gen)  # taken where a step ends: a Ctrl-C inside the next step saves what it began from
     try:
         while step < settings.steps:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, settings.lr, settings.warmup, settings.steps)
-            batch = stage.batch(gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = loss_module(batch, step)
-            loss, logs = out[0], out[1]
+            # anything left that draws from torch's own generator (e.g. dropout) starts each step from a seed of
+            # the step alone, so a resumed run draws what the uninterrupted one did
+            torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses = []
+            for micro in range(settings.accum):
+                sync = world == 1 or micro == settings.accum - 1  # DDP all-reduces on the last micro-batch only
+                with contextlib.nullcontext() if sync else loss_module.no_sync():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        out = loss_module(next(micro_batches), step)
+                    (out[0] / settings.accum).backward()
+                if len(out) > 2:  # a second optimiser of the stage (the VAE's discriminator)
+                    out[2](micro, settings.accum)
+                losses.append(out[1]["loss"] if "loss" in out[1] else float(out[0]))
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
             opt.step()
-            if len(out) > 2:  # a second optimiser of the stage (the VAE's discriminator)
-                out[2]()
             ema.update(model)
             step += 1
-            streams = random_streams(gen)
             bar.update()
-            logs_acc.append(logs["loss"] if "loss" in logs else float(loss))
+            logs_acc.append(float(np.mean(losses)))
             if step % args.log_every == 0 or step == settings.steps:
                 mean = global_mean(logs_acc, device)
                 history.append({"kind": "train", "step": step, "loss": mean, "grad_norm": float(grad_norm),
@@ -615,7 +622,7 @@ def _train(args) -> str:
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()
-        checkpoint(interrupted=True)
+        checkpoint()
         if rank == 0:  # the other ranks saved nothing, so they say nothing
             print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume)")
         sys.exit(130)

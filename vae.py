@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import landmarks
-from common import Config, TrainConfig, option, to_tensor_image, train_settings
+from common import Config, SampleRandom, TrainConfig, option, to_tensor_image, train_settings
 from diffusion import SelfAttention
 
 
@@ -149,10 +149,11 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                            dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * noise; the noise (B, C, h, w) is drawn here unless given."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -325,9 +326,9 @@ class AutoencoderKL(nn.Module):
         self._check_latent(z)
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator=None):
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator=None, noise=None):
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = posterior.sample(generator, noise) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
     # ---- latent interface used by L2I --------------------------------------------------------------
@@ -426,7 +427,7 @@ def weighted_mean(v: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 
 def vae_loss(model: AutoencoderKL, x: torch.Tensor, disc: PatchDiscriminator | None = None, step: int = 0,
              return_rec: bool = False, pixel_weight: torch.Tensor | None = None,
-             disc_weight_map: torch.Tensor | None = None):
+             disc_weight_map: torch.Tensor | None = None, rng: SampleRandom | None = None):
     """Autoencoder objective for one batch x (B, 3, H, W) in [-1, 1]; returns (loss, logs).
 
     loss = mean w |x - x_rec| / mean w + edge_weight * mean |sobel(x) - sobel(x_rec)|
@@ -438,10 +439,14 @@ def vae_loss(model: AutoencoderKL, x: torch.Tensor, disc: PatchDiscriminator | N
     w is pixel_weight (1, 1, H, W) (mouth_weight_map), or 1; mean_v weights D's patch logits by disc_weight_map
     (1, 1, H, W) (weighted_mean). logs holds floats. With return_rec=True the
     result is (loss, logs, x_rec.detach()), so the discriminator step can reuse the reconstruction instead of
-    running the autoencoder again.
+    running the autoencoder again. rng: the batch's per-sample random draws (common.SampleRandom; fresh ones by
+    default) for the posterior sample.
     """
     cfg = model.config
-    x_rec, posterior = model(x, sample_posterior=True)
+    rng = rng or SampleRandom.fresh(len(x))
+    f = cfg.downsampling_factor
+    noise = rng.randn(cfg.latent_channels, x.shape[-2] // f, x.shape[-1] // f)  # (B, C, h, w)
+    x_rec, posterior = model(x, sample_posterior=True, noise=noise)
     rec = (x - x_rec).abs()  # (B, 3, H, W)
     rec = weighted_mean(rec, pixel_weight)
     edge = (sobel_edges(x) - sobel_edges(x_rec)).abs().mean() if cfg.edge_weight > 0 else x.new_zeros(())
@@ -496,30 +501,50 @@ def discriminator_loss(model: AutoencoderKL, disc: PatchDiscriminator, x: torch.
 # --------------------------------------------------------------------------------------------------------
 
 class FrameDataset(torch.utils.data.Dataset):
-    """uint8 frames (N, H, W, 3) -> float tensors (3, H, W) in [-1, 1], optional random horizontal flip."""
+    """Training frames for the autoencoder: uint8 arrays (N_k, H, W, 3) (memory-mapped caches, or several
+    arrays read as one, e.g. the clips' frames and extra identities' stills), items augmented per sample.
 
-    def __init__(self, frames: np.ndarray, hflip: bool = False, colour_jitter: float = 0.0,
+    Item (index, seed) -> {"x": (3, size, size) in [-1, 1], "seed"}: with probability natural_mix a photo crop
+    instead of the frame; else a random square crop of side in [crop_scale, 1] x H (the whole frame at 1)
+    resized to size; a horizontal flip with probability 1/2 (hflip); colour jitter with probability
+    colour_jitter. Every draw comes from the item's seed (common.step_items), and the seed travels on to the
+    loss, which draws the rest of the sample's randomness from it."""
+
+    def __init__(self, frames, hflip: bool = False, colour_jitter: float = 0.0,
                  natural_mix: float = 0.0, seed: int = 0, crop_scale: float = 1.0, size: int | None = None):
-        frames = np.asarray(frames)
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-            raise ValueError(f"frames must be a non-empty uint8 array (N, H, W, 3), got {frames.dtype} "
-                             f"{frames.shape}")
-        self.frames = frames
+        self.sources = list(frames) if isinstance(frames, (list, tuple)) else [frames]
+        for f in self.sources:
+            if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3 or f.shape[1:] != self.sources[0].shape[1:]:
+                raise ValueError(f"frames must be uint8 arrays (N, H, W, 3) of one size, got {f.dtype} {f.shape}")
+        self.offsets = np.cumsum([0] + [len(f) for f in self.sources])  # item k lives in source searchsorted(k)
+        if self.offsets[-1] == 0:
+            raise ValueError("frames must not be empty")
         self.hflip = hflip
         self.colour_jitter = colour_jitter
         self.natural_mix = natural_mix
-        self.size = size or frames.shape[1]  # output side; frames may be stored larger for crop_scale < 1
+        self.size = size or self.sources[0].shape[1]  # output side; frames may be stored larger for crop_scale < 1
         self.crop_scale = crop_scale
         self.natural = natural_crops(self.size, 4096, seed) if natural_mix > 0 else None
 
     def __len__(self):
-        return len(self.frames)
+        return int(self.offsets[-1])
 
-    def __getitem__(self, index):
-        x = to_tensor_image(self.frames[index])                          # (3, H, W)
-        if self.hflip and torch.rand(()) < 0.5:
+    def frame(self, index: int) -> np.ndarray:
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return np.asarray(self.sources[k][index - self.offsets[k]])  # (H, W, 3)
+
+    def __getitem__(self, item) -> dict:
+        index, seed = item
+        gen = torch.Generator().manual_seed(seed)
+        if self.natural is not None and float(torch.rand((), generator=gen)) < self.natural_mix:
+            x = to_tensor_image(self.natural[int(torch.randint(len(self.natural), (), generator=gen))])
+        else:
+            x = self.random_crops(to_tensor_image(self.frame(index))[None], gen)[0]  # (3, size, size)
+        if self.hflip and float(torch.rand((), generator=gen)) < 0.5:
             x = x.flip(-1)
-        return x
+        if self.colour_jitter > 0:
+            x = jitter_colours(x[None], self.colour_jitter, gen)[0]
+        return {"x": x, "seed": seed}
 
     def random_crops(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 3, size, size): random square crops of side in [crop_scale, 1] x H at random
@@ -536,19 +561,10 @@ class FrameDataset(torch.utils.data.Dataset):
         return torch.cat(out)  # (B, 3, size, size)
 
     def random_batch(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A batch (B, 3, H, W) drawn with replacement, for simple training loops without a DataLoader."""
-        idx = torch.randint(len(self), (batch_size,), generator=generator)
-        x = self.random_crops(to_tensor_image(self.frames[np.sort(idx.numpy())]), generator)  # (B, 3, size, size)
-        if self.natural is not None:
-            swap = torch.rand(batch_size, generator=generator) < self.natural_mix
-            pick = torch.randint(len(self.natural), (int(swap.sum()),), generator=generator)
-            x[swap] = to_tensor_image(self.natural[pick.numpy()])
-        if self.hflip:
-            flip = torch.rand(batch_size, generator=generator) < 0.5
-            x[flip] = x[flip].flip(-1)
-        if self.colour_jitter > 0:
-            x = jitter_colours(x, self.colour_jitter, generator)
-        return x
+        """A batch (B, 3, size, size) of items drawn with replacement, for loops without a DataLoader."""
+        index = torch.randint(len(self), (batch_size,), generator=generator).tolist()
+        seeds = torch.randint(2**62, (batch_size,), generator=generator).tolist()
+        return torch.stack([self[item]["x"] for item in zip(index, seeds)])
 
 
 NATURAL_IMAGES = ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",

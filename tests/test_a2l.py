@@ -440,7 +440,7 @@ def test_dataset_windows_and_residual_std(tmp_path):
     with pytest.warns(UserWarning, match="skipped"):
         train = a2l.A2LWindows(paths, window=16, train=True)
     assert len(train.clips) == 3 and len(train) == math.ceil(50 / 16) + math.ceil(33 / 16) + math.ceil(38 / 16)
-    item = train[0]
+    item = train[(0, 5)]
     assert item["landmarks"].shape == (16, 478, 3) and item["p_bar"].shape == (478, 3)
     assert item["mel_ctx"].shape == (16, 20, 80)
     # P̄ is the identity's mean over all its clips
@@ -460,11 +460,20 @@ def test_dataset_windows_and_residual_std(tmp_path):
     torch.testing.assert_close(evaluation[0]["mel_ctx"], full[0:16])
     std = a2l.compute_residual_std(train)
     assert std.shape == (1434,) and (std > 0).all()
+    residuals = torch.cat([(c["P"] - c["p_bar"]).reshape(len(c["P"]), -1) for c in train.clips])  # from the sums
+    torch.testing.assert_close(std, residuals.std(0).clamp_min(float(residuals.std(0).max()) * 0.05), rtol=1e-4,
+                               atol=1e-6)
+    cached = a2l.A2LWindows(paths[:3], window=16, train=True, cache=str(tmp_path / "cache"))  # memory-mapped
+    again = a2l.A2LWindows(paths[:3], window=16, train=True, cache=str(tmp_path / "cache"))  # read back
+    for ds in (cached, again):
+        for key, value in train[(4, 77)].items():
+            torch.testing.assert_close(ds[(4, 77)][key], value)  # an item is a function of (index, seed)
+        torch.testing.assert_close(a2l.compute_residual_std(ds), std)
     std = std.reshape(478, 3)
     assert std[14, 1] > 5 * std[33, 1]          # the moving lip varies more than a rigid eye corner
     model = a2l.A2L(small_config())
     model.set_residual_std(a2l.compute_residual_std(train))
-    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4, shuffle=True)))
+    batch = torch.utils.data.default_collate([train[(i, 10 + i)] for i in range(4)])
     loss, _ = model.loss(batch)
     assert torch.isfinite(loss)
 
@@ -486,10 +495,9 @@ def test_p_bar_from_one_frame_for_the_photo_setting(tmp_path):
     photo = a2l.A2LWindows(paths, window=16, train=False, p_bar="first_frame")
     assert all(torch.equal(clip["p_bar"], clip["P"][0]) for clip in photo.clips)
     mean = a2l.A2LWindows(paths, window=16, train=True)
-    torch.manual_seed(0)
     drawn = a2l.A2LWindows(paths, window=16, train=True, random_frame_p=1.0)
     for i in range(len(drawn)):
-        p_bar = drawn[i]["p_bar"]
+        p_bar = drawn[(i, i)]["p_bar"]
         assert any((clip["P"] == p_bar).all(dim=(1, 2)).any() for clip in drawn.clips)  # one of the clip's frames
         assert not torch.equal(p_bar, mean.clips[0]["p_bar"])
     with pytest.raises(ValueError, match="p_bar"):

@@ -91,7 +91,7 @@ def test_clip_files_keys_shapes_and_codecs(short_clip):
     T = math.ceil(duration * 25)
     assert 0.8 < duration < 2.5
     assert set(loaded) == {"landmarks", "fps", "identity", "audio", "sample_rate", "text", "phonemes",
-                           "phoneme_ipa", "frame_size", "video"}
+                           "phoneme_ipa", "frame_size", "video", "has_audio"}
     assert loaded["video"] == mp4
     assert loaded["landmarks"].shape == (T, 478, 3) and loaded["landmarks"].dtype == np.float32
     assert loaded["fps"] == 25 and loaded["sample_rate"] == 16000 and loaded["frame_size"] == (128, 128)

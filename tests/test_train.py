@@ -136,13 +136,13 @@ def vae_4_steps(clip_dirs, tmp_path_factory):
 
 def test_resume_after_ctrl_c_mid_step_is_exactly_the_uninterrupted_run(clip_dirs, tmp_path, vae_4_steps, monkeypatch):
     args = run_args(clip_dirs, tmp_path, *EXACT)
-    interrupt_on_call(monkeypatch, train.VAEStage, "batch", 3)  # in step 3, its batch drawn; after step 2's save
+    interrupt_on_call(monkeypatch, train.VAEStage, "loss", 3)  # in step 3, its batch read; after step 2's save
     with pytest.raises(SystemExit) as stop:
         train.train(train.parse_args(args))
     assert stop.value.code == 130 and load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 2
     monkeypatch.undo()
     resumed = load_checkpoint(train.train(train.parse_args(args + ["--resume"])), "vae")
-    assert_same_weights(resumed, vae_4_steps)  # bitwise: every random stream continued where it was
+    assert_same_weights(resumed, vae_4_steps)  # bitwise: step 3's batch and draws are step 3's on any run
     losses = lambda ckpt: [h["loss"] for h in ckpt["history"] if h["kind"] == "train"]
     assert losses(resumed) == losses(vae_4_steps)
 
@@ -161,7 +161,7 @@ def test_ctrl_c_during_evaluation_saves_the_trained_weights_not_the_ema(clip_dir
 
 
 def test_a2l_resume_is_exactly_the_uninterrupted_run(clip_dirs, tmp_path, monkeypatch):
-    """A2L draws from torch's global RNG too (window starts, diffusion noise and timesteps)."""
+    """A2L's window starts, diffusion noise, timesteps and audio dropout all come from the samples' seeds."""
     tiny = ["--stage", "a2l", "--width", "32", "--pairs", "1", "--heads", "2", "--window", "8", "--overlap", "2",
             "--batch-size", "2", "--sample-steps", "2", *EXACT, "--log-every", "1", "--eval-every", "2",
             "--save-every", "2", "--data", clip_dirs[0], "--eval-data", clip_dirs[1],
@@ -204,7 +204,7 @@ def test_train_itself_turns_sigterm_into_ctrl_c_and_later_signals_cannot_cut_the
     previous = signal.signal(signal.SIGTERM, caller_handler)
     sigint = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when started in the background
     try:
-        monkeypatch.setattr(train.VAEStage, "batch", lambda self, gen: os.kill(os.getpid(), signal.SIGTERM))
+        monkeypatch.setattr(train.VAEStage, "loss", lambda self, *a: os.kill(os.getpid(), signal.SIGTERM))
         save = train.save_checkpoint
 
         def save_amid_signals(ckpt, path):
@@ -299,18 +299,35 @@ def test_finetune_decoder_starts_from_init_and_keeps_the_latent_space(clip_dirs,
                                               "4", "--out", str(tmp_path / "other"))))
 
 
-def test_ddp_on_cpu_with_gloo_under_torchrun(clip_dirs, tmp_path):
-    """Two processes, gloo backend: the same code path NCCL takes on GPUs, with the PatchGAN discriminator on
-    (its gradients are averaged across ranks by hand; the autoencoder's by DDP)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
-           *run_args(clip_dirs, tmp_path, "--steps", "3", "--adversarial", "true", "--disc-start", "1",
-                     "--disc-channels", "8", "--disc-layers", "1")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def train_losses(ckpt) -> list[float]:
+    return [h["loss"] for h in ckpt["history"] if h["kind"] == "train"]
+
+
+def test_ddp_under_torchrun_gives_the_losses_of_one_process_with_the_same_global_batch(clip_dirs, tmp_path):
+    """Two gloo processes (the code path NCCL takes on GPUs) of batch 2 for 20 steps, with the VAE's
+    augmentations and the PatchGAN discriminator's step running (its gradients averaged across ranks by hand, the
+    autoencoder's by DDP): the same losses, step by step, as one process of batch 4, and as one process that
+    accumulates two micro-batches of 2. The discriminator's term itself stays off (disc_start past the run): LDM's
+    adaptive weight is a ratio of gradient norms of each process's own batch, as in LDM, so it is not additive
+    over processes or micro-batches."""
+    common = ["--steps", "20", "--log-every", "1", "--eval-every", "20", "--save-every", "20", "--adversarial",
+              "true", "--disc-start", "100", "--disc-channels", "8", "--disc-layers", "1", "--hflip", "true"]
+    ddp = run_args(clip_dirs, tmp_path, *common, "--batch-size", "2", "--out", str(tmp_path / "ddp"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *ddp]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("saved ") == 1  # rank 0 alone writes the checkpoint
-    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "vae")
-    assert ckpt["step"] == 3
-    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["gen"], ckpt["rng"][1]["gen"])  # each its own
+    two = load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"), "vae")
+    one = load_checkpoint(train.train(train.parse_args(run_args(clip_dirs, tmp_path, *common, "--batch-size", "4",
+                                                                "--out", str(tmp_path / "one")))), "vae")
+    accumulated = load_checkpoint(train.train(train.parse_args(run_args(
+        clip_dirs, tmp_path, *common, "--batch-size", "4", "--accum", "2", "--out", str(tmp_path / "accum")))), "vae")
+    assert two["step"] == one["step"] == 20 and len(train_losses(one)) == 20
+    np.testing.assert_allclose(train_losses(two), train_losses(one), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(train_losses(accumulated), train_losses(one), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="not divisible by --accum 3"):
+        train.train(train.parse_args(run_args(clip_dirs, tmp_path, "--batch-size", "4", "--accum", "3",
+                                              "--out", str(tmp_path / "bad"))))
 
 
 LOSS_RECORDER = """

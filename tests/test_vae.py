@@ -10,6 +10,7 @@ import torch
 import synth_clips
 from common import to_tensor_image, to_uint8_image
 from metrics import psnr
+from common import SampleRandom
 from vae import (AutoencoderKL, DiagonalGaussian, FrameDataset, PatchDiscriminator, VAEConfig,
                  discriminator_loss, mouth_weight_map, sobel_edges, vae_loss, weighted_mean)
 
@@ -175,13 +176,12 @@ def test_pixel_weight_is_a_weighted_mean_of_the_l1_error():
     model = AutoencoderKL(small_cfg(kl_weight=0.0))
     x = smooth_images(2, 32)
 
-    def rec_loss(weight):  # the same posterior sample each time
-        torch.manual_seed(1)
-        return vae_loss(model, x, pixel_weight=weight)[1]["rec"]
+    def rec_loss(weight):  # the same posterior sample each time: the samples' seeds fix it
+        return vae_loss(model, x, pixel_weight=weight, rng=SampleRandom([3, 4]))[1]["rec"]
 
-    torch.manual_seed(1)
     with torch.no_grad():
-        err = (x - model(x, sample_posterior=True)[0]).abs().mean((0, 1))  # (32, 32)
+        noise = SampleRandom([3, 4]).randn(*model.config.latent_shape[:1], 8, 8)  # (2, C, 8, 8)
+        err = (x - model(x, sample_posterior=True, noise=noise)[0]).abs().mean((0, 1))  # (32, 32)
     w = torch.ones(1, 1, 32, 32)
     w[..., :8, :] = 5.0  # the top rows count five times
     assert rec_loss(None) == pytest.approx(float(err.mean()), rel=1e-4)
@@ -274,7 +274,7 @@ def test_frame_dataset_range_and_flip():
     frames = np.zeros((2, 4, 6, 3), np.uint8)
     frames[:, :, 0] = 255                                              # left column white
     ds = FrameDataset(frames, hflip=False)
-    x = ds[0]
+    x = ds[(0, 0)]["x"]
     assert x.shape == (3, 4, 6) and x.dtype == torch.float32
     assert x[:, :, 0].eq(1.0).all() and x[:, :, 1:].eq(-1.0).all()
     flipped = FrameDataset(frames, hflip=True).random_batch(64, torch.Generator().manual_seed(0))
@@ -283,6 +283,15 @@ def test_frame_dataset_range_and_flip():
     right_white = flipped[:, 0, 0, -1] == 1.0
     assert left_white.any() and right_white.any() and (left_white ^ right_white).all()
     assert np.array_equal(to_uint8_image(to_tensor_image(frames)), frames)
+
+
+def test_frame_dataset_items_are_functions_of_index_and_seed_across_several_arrays():
+    a, b = (np.full((n, 8, 8, 3), v, np.uint8) for n, v in ((3, 10), (2, 200)))
+    ds = FrameDataset([a, b], hflip=True, colour_jitter=0.5, crop_scale=0.5, size=4)
+    assert len(ds) == 5 and ds.frame(2)[0, 0, 0] == 10 and ds.frame(3)[0, 0, 0] == 200
+    assert torch.equal(ds[(4, 123)]["x"], ds[(4, 123)]["x"])  # what a DataLoader worker or a resumed run draws
+    items = [ds[(1, s)]["x"] for s in range(20)]
+    assert any(not torch.equal(items[0], x) for x in items[1:])  # the seed drives the augmentation
 
 
 def test_frame_dataset_rejects_bad_frames():
