@@ -17,7 +17,8 @@ Sections (`--only` picks some):
              training shapes; data loading not counted), and the utilisation of an L2I step: FLOP/s counted with
              torch.utils.flop_counter over the machine's dense matmul FLOP/s measured in the same run;
   projection FLOPs per frame of the paper preset and the frames per second they would give on one A100 / H100
-             at a stated utilisation of its dense bf16 peak: a projection, not a measurement.
+             at a stated utilisation of its dense bf16 peak, and the FLOPs of each stage's paper-preset training
+             step with the hours its steps take on 1 and 8 such GPUs: projections, not measurements.
 Times are wall-clock medians over repetitions (CPU time would count the spinning of idle OpenMP threads). On a
 shared machine they vary with the load; ratios measured in one process are the numbers to compare.
 """
@@ -273,6 +274,40 @@ def projection(utilisation_share: float = 0.4) -> list[dict]:
             for name, peak in (("A100 bf16", A100_BF16), ("H100 bf16", H100_BF16))]
 
 
+def training_projection(utilisation_share: float = 0.4) -> list[dict]:
+    """FLOPs of one optimizer step of each stage at the paper preset (the network's forward and backward on its
+    global batch, counted on meta tensors; the VAE's discriminator and the data loading not counted) and the hours
+    its preset's steps take on 1 and 8 A100s / H100s at `utilisation_share` of the dense bf16 peak, scaling
+    linearly over GPUs. A projection, not a measurement."""
+    import torch
+
+    from a2l import A2L, A2LConfig
+    from l2i import L2I, L2IConfig
+    from vae import AutoencoderKL, VAEConfig
+    rows = []
+    with torch.device("meta"):
+        v_cfg, a_cfg, l_cfg = (c.preset("paper") for c in (VAEConfig, A2LConfig, L2IConfig))
+        vae, a2l, l2i = AutoencoderKL(v_cfg), A2L(a_cfg), L2I(l_cfg)
+        x = torch.zeros(v_cfg.train.batch_size, 3, v_cfg.resolution, v_cfg.resolution)
+        B, L = a_cfg.train.batch_size, a_cfg.window
+        x_t = torch.zeros(B, L, a_cfg.n_coords)
+        mel, p_bar = torch.zeros(B, L, a_cfg.ctx_mel_frames, a_cfg.n_mels), torch.zeros(B, a_cfg.n_points, 3)
+        z0, cond = l2i_inputs(l_cfg, l_cfg.train.batch_size, "meta")
+        steps = {
+            "VAE": (v_cfg, lambda: vae(x, sample_posterior=False)[0].sum().backward()),
+            "A2L": (a_cfg, lambda: a2l(x_t, torch.zeros(B, dtype=torch.long), mel, p_bar).sum().backward()),
+            "L2I": (l_cfg, lambda: l2i.unet(z0, torch.zeros(len(z0), dtype=torch.long), cond).sum().backward())}
+        for stage, (cfg, step) in steps.items():
+            flops = count_flops(step)
+            row = {"stage": stage, "global_batch": cfg.train.batch_size, "steps": cfg.train.steps,
+                   "tflop_per_step": flops / 1e12, "utilisation": utilisation_share}
+            for name, peak in (("A100", A100_BF16), ("H100", H100_BF16)):
+                hours = cfg.train.steps * flops / (utilisation_share * peak) / 3600
+                row.update({f"hours_1x{name}": hours, f"hours_8x{name}": hours / 8})
+            rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The denoiser against diffusers'
 # ----------------------------------------------------------------------------------------------------------
@@ -458,8 +493,9 @@ def main(argv=None):
     results = {"threads": args.threads, "cpus": os.cpu_count(), "torch": torch.__version__}
     run = {"sampling": lambda: sampling(model, args.steps), "cascade": lambda: cascade(model, args.steps, args.threads),
            "scaling": lambda: scaling(args.seconds, args.threads), "denoiser": denoiser, "training": training,
-           "projection": projection}
-    for name in args.only:
+           "projection": projection, "projection_training": training_projection}
+    tables = [t for section in args.only for t in ([section, "projection_training"] if section == "projection" else [section])]
+    for name in tables:
         results[name] = run[name]()
         print_table(name, results[name])
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -18,6 +18,10 @@ def test_projection_counts_the_paper_preset_and_writes_json(tmp_path):
     # 50 UNet passes of the paper preset (joint attention over 4 condition slots at 32x32) dominate: TFLOPs/frame
     assert 1e3 < rows[0]["gflops_per_frame"] < 1e5
     assert rows[1]["projected_fps"] == pytest.approx(rows[0]["projected_fps"] * bench.H100_BF16 / bench.A100_BF16)
+    training = {r["stage"]: r for r in json.loads(out.read_text())["projection_training"]}
+    assert set(training) == {"VAE", "A2L", "L2I"}
+    for r in training.values():  # a step of the paper preset is TFLOPs; 8 GPUs take an eighth of the hours
+        assert 0.05 < r["tflop_per_step"] < 1e3 and r["hours_8xA100"] == pytest.approx(r["hours_1xA100"] / 8)
 
 
 def test_the_diffusers_twin_takes_our_inputs_and_the_ddim_steps_agree():
