@@ -494,8 +494,8 @@ def main(argv=None):
     run = {"sampling": lambda: sampling(model, args.steps), "cascade": lambda: cascade(model, args.steps, args.threads),
            "scaling": lambda: scaling(args.seconds, args.threads), "denoiser": denoiser, "training": training,
            "projection": projection, "projection_training": training_projection}
-    tables = [t for section in args.only for t in ([section, "projection_training"] if section == "projection" else [section])]
-    for name in tables:
+    with_training = {"projection": ["projection", "projection_training"]}  # the projection section has two tables
+    for name in [table for section in args.only for table in with_training.get(section, [section])]:
         results[name] = run[name]()
         print_table(name, results[name])
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
