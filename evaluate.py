@@ -32,6 +32,7 @@ per second of audio.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -43,15 +44,19 @@ import torch
 from tqdm import tqdm
 
 import clips
+import fid
 import landmarks
 from a2l import A2LWindows, predict_clips
-from cli import ArgumentParser, float_flag, int_flag, run_cli, seed_flag
+from cli import ArgumentParser, UsageError, float_flag, int_flag, run_cli, seed_flag
 from common import atomic_write, save_png, to_tensor_image, to_uint8_image
-from dreamhead import DreamHead, default_workers, load_model, share_cores
+from dreamhead import DreamHead, default_checkpoint, default_workers, load_model, share_cores
 from l2i import L2IFrames, L2ILatents
-from metrics import UPSCALE, corr, corr_by_identity, fitted_errors, landmark_metrics, measured_opening, nan_corr, \
-    opening_per_iod, plot_opening, psnr
-from synth_clips import clips_or_synthetic
+from metrics import UPSCALE, av_offset, canonical_jitter, corr, corr_by_identity, detect_landmarks, fitted_errors, \
+    image_scores, landmark_metrics, measured_opening, nan_corr, opening_per_iod, plot_opening, psnr, silence_ratio, \
+    speech_envelope
+from synth_clips import appearance_frames, clips_or_synthetic
+
+FID_STILLS = 16  # stills per identity that train the DreamHead-FID network
 
 
 def evaluate_a2l(models: dict, dataset, steps=None, seed=0, max_clips=None) -> tuple[dict, list[dict]]:
@@ -294,6 +299,219 @@ def main_a2l(args) -> dict:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------------
+# report: the cascade and each stage measured as talking-head papers report them
+# ------------------------------------------------------------------------------------------------------------
+
+REPORT_COLUMNS = {"cascade": "cascade (photo + audio)", "a2l": "A2L", "vae": "VAE", "l2i": "L2I (true landmarks)",
+                  "ground_truth": "ground truth"}
+REPORT_METRICS = {  # key: (label, decimals)
+    "psnr_face": ("PSNR face crop (dB)", 2), "ssim_face": ("SSIM face crop", 3),
+    "psnr_mouth": ("PSNR mouth box (dB)", 2), "ssim_mouth": ("SSIM mouth box", 3),
+    "fid": ("DreamHead-FID (not comparable with Inception FID)", 2),
+    "lip_lmd_pct_iod": ("lip LMD (% IOD, similarity-fitted)", 2),
+    "face_lmd_pct_iod": ("full-face LMD (% IOD, similarity-fitted)", 2),
+    "opening_corr": ("mouth-opening correlation", 3), "jitter": ("jitter (canonical, IOD / frame^2)", 4),
+    "av_offset_frames": ("AV offset (frames, + = mouth late)", 2), "av_offset_abs_frames": ("abs AV offset (frames)", 2),
+    "av_corr": ("AV correlation at the offset", 3), "silence_ratio": ("silence ratio (pause / speech opening)", 3),
+    "detected": ("MediaPipe detection rate", 3)}
+
+
+def report_paths(args) -> list[str]:
+    """The held-out clips: --data's (its --split when clips.clip_paths takes one), else the synthetic test split;
+    at most --clips."""
+    if args.data is None:
+        return clips_or_synthetic(None, "test", args.clips)
+    split = {"split": args.split} if "split" in inspect.signature(clips.clip_paths).parameters else {}
+    return clips.clip_paths(args.data, **split)[:args.clips]
+
+
+def image_row(gen: np.ndarray, truth: np.ndarray, P: np.ndarray) -> dict:
+    """PSNR and SSIM of generated against true face crops uint8 (N, S, S, 3), whole and inside the mouth box of
+    the true landmarks P (N, 478, 3) in crop px."""
+    boxes = [landmarks.mouth_box(p, gen.shape[1:3]) for p in P]
+    face, mouth = image_scores(gen, truth), image_scores(gen, truth, boxes)
+    return {"psnr_face": face["psnr"], "ssim_face": face["ssim"], "psnr_mouth": mouth["psnr"],
+            "ssim_mouth": mouth["ssim"]}
+
+
+def sequence_row(pred: np.ndarray, truth: np.ndarray, envelope: np.ndarray | None, fps: float = 25.0) -> dict:
+    """The landmark measures of one clip: pred (T, 478, 3) (NaN rows: no face found) against truth (T, 478, 3),
+    both in one space; with the speech envelope (T,) also the AV offset and the silence ratio."""
+    lip, face, _ = fitted_errors(pred, truth)
+    measured = opening_per_iod(pred)
+    row = {"lip_lmd_pct_iod": 100 * float(np.nanmean(lip)), "face_lmd_pct_iod": 100 * float(np.nanmean(face)),
+           "opening_corr": nan_corr(measured, opening_per_iod(truth)), "jitter": canonical_jitter(pred),
+           "detected": float(np.isfinite(pred).all(axis=(1, 2)).mean())}
+    if envelope is not None:
+        lag, r = av_offset(measured, envelope)
+        row.update(av_offset_frames=lag, av_offset_abs_frames=abs(lag), av_corr=r,
+                   silence_ratio=silence_ratio(measured, envelope, fps))
+    return row
+
+
+def without_detection(row: dict) -> dict:
+    """A sequence_row of landmarks that were given, not detected: no detection rate to report."""
+    return {k: v for k, v in row.items() if k != "detected"}
+
+
+def mean_rows(rows: list[dict]) -> dict:
+    """The mean of each measure over clips, leaving NaN out (NaN when every clip has NaN)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    values = {k: np.array([r.get(k, np.nan) for r in rows], np.float64) for k in keys}
+    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in values.items()}
+
+
+def envelope_of(clip: dict, frames: int) -> np.ndarray:
+    return speech_envelope(clip["audio"], clip["sample_rate"], frames, clip["fps"])
+
+
+def cascade_clip(model, clip: dict, folder: str, args) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One held-out clip through the cascade as sample.py runs it (its first frame as the photo, its sound):
+    (measures, output face crops, true face crops), the crops uint8 (T, S, S, 3) framed like L2I's. MediaPipe
+    reads the output frames; the truth is the clip's landmarks."""
+    start = time.time()
+    face, wav = user_inputs(clip, folder)
+    talk = model.generate(wav, face, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    video = np.concatenate(list(talk))  # (T, H, W, 3)
+    seconds = time.time() - start
+    true_crops, P_crop = clips.decoded_clip(clip, model.size, model.face_iod)  # (T', S, S, 3), crop px
+    T = min(len(video), len(true_crops))
+    out_crops = landmarks.crop_faces(video[:T], talk.plan.boxes[talk.plan.source[:T]], model.size)
+    H, W = clip["frame_size"]
+    truth = clip["landmarks"][:T] * np.array([video.shape[2] / W, video.shape[1] / H, video.shape[2] / W])
+    detected = detect_landmarks(video[:T], detect_size=max(256, video.shape[2]), upscale=args.upscale)
+    row = {**image_row(out_crops, true_crops[:T], P_crop[:T]),
+           **sequence_row(detected, truth, envelope_of(clip, T), clip["fps"]),
+           "frames": T, "seconds_generate": seconds, "seconds_per_audio_second": seconds / talk.seconds}
+    return row, out_crops, true_crops[:T]
+
+
+def stage_a2l(path, loaded: list[dict], paths: list[str], args) -> dict:
+    """A2L alone (P̄: the identity's mean mesh, as in training): canonical landmarks against the truth."""
+    model = load_model(path, "a2l")
+    cfg = model.config
+    dataset = A2LWindows(paths, cfg.window, train=False, context_frames=cfg.context_frames, n_mels=cfg.n_mels)
+    results = predict_clips(model, dataset, args.steps, args.seed)
+    rows = [without_detection(sequence_row(r["pred"], r["truth"], envelope_of(c, len(r["truth"])), c["fps"]))
+            for r, c in zip(results, loaded)]
+    truths = [r["truth"] for r in results]
+    pooled = landmark_metrics([r["pred"] for r in results], truths)["opening_corr_pooled"]
+    gt = [without_detection(sequence_row(t, t, envelope_of(c, len(t)), c["fps"])) for t, c in zip(truths, loaded)]
+    return {"a2l": {**mean_rows(rows), "opening_corr_pooled": pooled}, "ground_truth_canonical": mean_rows(gt)}
+
+
+def stage_vae(vae, loaded: list[dict], net) -> dict:
+    """E -> D reconstructions of every frame, in the VAE's framing, against the frames."""
+    pairs = [clips.decoded_clip(c, vae.config.resolution, vae.config.face_iod) for c in loaded]
+    truth, P = np.concatenate([f for f, _ in pairs]), np.concatenate([p for _, p in pairs])
+    rec = to_uint8_image(reconstruct(vae, to_tensor_image(truth)))
+    return {**image_row(rec, truth, P), "fid": fid.fid(rec, truth, net), "frames": len(truth)}
+
+
+def stage_l2i(l2i, vae, paths: list[str], net, args) -> dict:
+    """L2I alone: every --every-th frame rendered from its true landmarks (render_l2i), MediaPipe on the result
+    against the landmarks it was asked to render."""
+    c = l2i.config
+    frames = L2IFrames(paths, c.image_size, c.tau_min, c.tau_max, train=False, mask_expand=c.mask_expand,
+                       face_iod=c.face_iod)
+    r = render_l2i(l2i, vae, L2ILatents(frames, vae), args.every, steps=args.steps, seed=args.seed,
+                   guidance=args.guidance)
+    gen, truth = to_uint8_image(r["gen"]), to_uint8_image(r["truth"])
+    detected = detect_landmarks(gen, upscale=args.upscale)
+    row = sequence_row(detected, r["P"].astype(np.float64), None)
+    row.pop("jitter")  # every --every-th frame: no motion to measure
+    return {**image_row(gen, truth, r["P"]), **row, "fid": fid.fid(gen, truth, net), "frames": len(gen)}
+
+
+def halves_fid(crops: list[np.ndarray], net) -> float:
+    """DreamHead-FID of the true face crops of the even clips against the odd clips' (one clip: its halves), the
+    floor that two sets of real frames of these identities reach."""
+    if len(crops) == 1:
+        return fid.fid(crops[0][: len(crops[0]) // 2], crops[0][len(crops[0]) // 2:], net)
+    return fid.fid(np.concatenate(crops[0::2]), np.concatenate(crops[1::2]), net)
+
+
+def markdown_table(report: dict) -> str:
+    """The report as a markdown table: a row per measure, a column per evaluated part ("-" where it does not
+    apply)."""
+    cols = [k for k in REPORT_COLUMNS if k in report]
+    lines = ["| measure | " + " | ".join(REPORT_COLUMNS[k] for k in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for key, (label, decimals) in REPORT_METRICS.items():
+        cells = [report[k].get(key) for k in cols]
+        if all(v is None for v in cells):
+            continue
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.{decimals}f}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def json_safe(value):
+    """NaN and infinity -> None (null), so the file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def main_report(args) -> dict:
+    """The cascade on each held-out clip with sound, then A2L, the VAE and L2I alone; writes --json and --table."""
+    started = time.time()
+    net = fid.load_feature_net(args.fid_net)
+    model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i)  # CUDA when present, as sample.py
+    share_cores(default_workers(model.device))
+    paths = report_paths(args)
+    loaded = [clips.load_clip(p) for p in paths]
+    voiced = [i for i, c in enumerate(loaded) if bool(c.get("has_audio", True))]
+    if not voiced:
+        raise UsageError(f"none of the {len(paths)} clips has sound; the report needs clips with audio")
+    rows, out_crops, true_crops = {}, [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in tqdm(voiced, desc="cascade", unit="clip"):
+            row, out, truth = cascade_clip(model, loaded[i], tmp, args)
+            rows[os.path.basename(paths[i])] = row
+            out_crops.append(out)
+            true_crops.append(truth)
+    cascade_seconds = time.time() - started
+    report = {"cascade": {**mean_rows(list(rows.values())),
+                          "fid": fid.fid(np.concatenate(out_crops), np.concatenate(true_crops), net)}}
+    cpu = {k: load_model(getattr(args, k) or default_checkpoint(k), k) for k in ("vae", "l2i")}  # the stages on CPU
+    stage_a2l_rows = stage_a2l(args.a2l or default_checkpoint("a2l"), [loaded[i] for i in voiced],
+                               [paths[i] for i in voiced], args)
+    report["a2l"] = stage_a2l_rows["a2l"]
+    report["vae"] = stage_vae(cpu["vae"], loaded, net)
+    report["l2i"] = stage_l2i(cpu["l2i"], cpu["vae"], paths, net, args)
+    truth_rows = [without_detection(sequence_row(c["landmarks"], c["landmarks"], envelope_of(c, len(c["landmarks"])),
+                                                 c["fps"])) for c in (loaded[i] for i in voiced)]
+    report["ground_truth"] = {**mean_rows(truth_rows), "fid": halves_fid(true_crops, net)}
+    report["ground_truth_canonical"] = stage_a2l_rows["ground_truth_canonical"]
+    report["per_clip"] = rows
+    report["settings"] = {"clips": len(paths), "clips_with_sound": len(voiced), "data": args.data or "synthetic test",
+                          "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "every": args.every,
+                          "fid_net": args.fid_net, "seconds_cascade": cascade_seconds,
+                          "seconds_per_clip_cascade": cascade_seconds / len(voiced),
+                          "seconds_total": time.time() - started}
+    table = markdown_table(report)
+    print(table)
+    if args.table:
+        atomic_write(args.table, lambda tmp: open(tmp, "w").write(table))
+    return json_safe(report)
+
+
+def main_fid_net(args) -> dict:
+    """Train the DreamHead-FID feature network (fid.py) on stills of `--identities` synthetic identities (none of
+    the 20 clip identities), 16 face crops each, framed like the L2I's crops (landmarks.FACE_IOD_FRACTION)."""
+    start = time.time()
+    frames = appearance_frames(args.identities, FID_STILLS, fid.SIZE, seed=args.seed,
+                               face_iod=landmarks.FACE_IOD_FRACTION)
+    labels = np.repeat(np.arange(args.identities), FID_STILLS)
+    net, record = fid.train_feature_net(frames, labels, args.steps, args.batch, seed=args.seed)
+    record.update(identities=args.identities, stills=FID_STILLS, seed=args.seed, seconds=round(time.time() - start))
+    fid.save_feature_net(net, args.out, record)
+    print(f"wrote {args.out}: {record}")
+    return {"fid_net": record}
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
@@ -315,18 +533,33 @@ def parse_args(argv=None):
         q.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
     s.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="How the face crop is "
                    "shrunk to the model's size, as sample.py --crop-filter.")
-    for q in (a, v, i, s, o):
+    f = sub.add_parser("fid-net", help="train the DreamHead-FID feature network (not comparable with Inception FID)")
+    f.add_argument("--out", default="checkpoints/fid_tiny.pt", help="Where the network's checkpoint goes.")
+    f.add_argument("--identities", type=int_flag(2), default=256, help="Synthetic identities to tell apart.")
+    f.add_argument("--steps", type=int_flag(1), default=800, help="Optimizer steps.")
+    f.add_argument("--batch", type=int_flag(2), default=64, help="Face crops per step.")
+    f.add_argument("--seed", type=seed_flag, default=1, help="Seed of the identities and of the training.")
+    f.add_argument("--json", default=None, help="Write the training record to this JSON file.")
+    r = sub.add_parser("report", help="the cascade and each stage on held-out clips: PSNR, SSIM, LMD, sync, "
+                       "jitter, silence, DreamHead-FID; JSON and a markdown table")
+    r.add_argument("--split", default=None, help="The split of a prepared --data folder (its manifest's), e.g. test.")
+    r.add_argument("--every", type=int_flag(1), default=2, help="L2I alone renders every n-th frame.")
+    r.add_argument("--fid-net", default="checkpoints/fid_tiny.pt", help="The DreamHead-FID feature network.")
+    r.add_argument("--table", default=None, help="Write the markdown table to this file.")
+    for stage in ("a2l", "vae", "l2i"):
+        r.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
+    for q in (a, v, i, s, o, r):
         q.add_argument("--data", default=None, help="Folder of held-out clips; by default the synthetic test split.")
         q.add_argument("--clips", type=int_flag(1), default=20, help="Synthetic held-out clips.")
         q.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
-    for q in (v, i, s):
+    for q in (v, i, s, r):
         q.add_argument("--upscale", choices=sorted(UPSCALE), default="cubic", help="Interpolation that upscales "
                        "frames before MediaPipe detection; on soft 64 px frames the opening correlation moves by a "
                        "few hundredths between them, either way (docs/experiments.md).")
-    for q in (a, i, s, o):
+    for q in (a, i, s, o, r):
         q.add_argument("--steps", type=int_flag(1), default=None, help="DDIM steps; by default the config's.")
         q.add_argument("--seed", type=seed_flag, default=0, help="Seed of the sampling noise.")
-    for q in (i, s):
+    for q in (i, s, r):
         q.add_argument("--guidance", type=float_flag, default=None, help="Classifier-free guidance scale; by default "
                        "the config's.")
     return p.parse_args(argv)
@@ -334,9 +567,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = {"a2l": main_a2l, "vae": main_vae, "l2i": main_l2i, "sample": main_sample, "photo": main_photo}
+    run = {"a2l": main_a2l, "vae": main_vae, "l2i": main_l2i, "sample": main_sample, "photo": main_photo,
+           "fid-net": main_fid_net, "report": main_report}
     rows = run[args.stage](args)
-    if args.stage != "a2l":
+    if args.stage not in ("a2l", "fid-net", "report"):
         print_rows(rows)
     if args.json:
         atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(rows, indent=2)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -143,17 +144,29 @@ def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
+def _sqrtm(A: np.ndarray, check: bool = True) -> np.ndarray | None:
+    """The real part of scipy.linalg.sqrtm(A); None (with check) when it is not finite or does not square back to
+    A within 1e-3 of A's scale (a singular A)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(A)
+    if check and (not np.isfinite(root).all() or
+                  np.abs(root @ root - A).max() > 1e-3 * max(np.abs(A).max(), 1e-12)):
+        return None
+    return np.real(root)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2). The matrix square root
-    (scipy.linalg.sqrtm) is guarded: when it is not finite (near-singular covariances, as with fewer frames than
-    features) eps is added to both diagonals; the imaginary part that rounding leaves is dropped."""
+    (scipy.linalg.sqrtm) is guarded: when it is not finite or inaccurate (near-singular covariances, as with fewer
+    frames than features) eps x the mean variance (+ eps) is added to both diagonals; the imaginary part that
+    rounding leaves is dropped."""
     mu1, mu2, sigma1, sigma2 = (np.atleast_1d(np.asarray(a, np.float64)) for a in (mu1, mu2, sigma1, sigma2))
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = eps * np.eye(len(sigma1))
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if covmean is None:
+        offset = eps * np.trace(sigma1 + sigma2) / (2 * len(sigma1)) * np.eye(len(sigma1)) + eps * np.eye(len(sigma1))
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset), check=False)
     diff = mu1 - mu2
     value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
     return max(value, 0.0) if math.isfinite(value) else float("nan")

@@ -88,3 +88,51 @@ def test_fitted_lip_error_ignores_head_pose_and_sees_the_mouth():
     opened = moved.copy()
     opened[:, landmarks.LOWER_INNER, 1] += 10.0  # the lower lip drops
     assert evaluate.fitted_lip_error(opened, truth)[0].min() > 0.01
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A tiny `evaluate.py report` run: one held-out clip (with a pause), 2 DDIM steps, the shipped models."""
+    import json
+
+    import clips
+    tmp = tmp_path_factory.mktemp("report")
+    (tmp / "data").mkdir()
+    clips.save_clip(str(tmp / "data" / "clip_0"), synth_clips.make_clip(0, 1, "test", size=256))
+    evaluate.main(["report", "--data", str(tmp / "data"), "--steps", "2", "--every", "6",
+                   "--json", str(tmp / "eval.json"), "--table", str(tmp / "eval.md")])
+    return json.load(open(tmp / "eval.json")), (tmp / "eval.md").read_text()
+
+
+# what each column measures: images (crops vs the truth) and / or landmarks (MediaPipe or A2L vs the truth)
+IMAGE = {"psnr_face", "ssim_face", "psnr_mouth", "ssim_mouth", "fid"}
+SYNC = {"lip_lmd_pct_iod", "face_lmd_pct_iod", "opening_corr", "jitter", "av_offset_frames", "av_offset_abs_frames",
+        "av_corr", "silence_ratio", "detected"}
+
+
+def test_report_json_has_every_measure_finite_and_the_table_is_written(report):
+    rows, table = report
+    expected = {"cascade": IMAGE | SYNC, "a2l": SYNC - {"detected"}, "vae": IMAGE,
+                "ground_truth": SYNC - {"detected"} | {"fid"},
+                "l2i": IMAGE | {"detected"}}
+    for column, keys in expected.items():
+        missing = keys - set(rows[column])
+        assert not missing, f"{column} lacks {missing}"
+        bad = {k: rows[column][k] for k in keys if not isinstance(rows[column][k], float)}
+        assert not bad, f"{column}: not finite {bad}"  # NaN / inf are written as null
+    assert {"lip_lmd_pct_iod", "face_lmd_pct_iod", "opening_corr"} <= set(rows["l2i"])  # null if no face was found
+    assert rows["ground_truth"]["lip_lmd_pct_iod"] < 1e-6 and rows["ground_truth"]["opening_corr"] > 0.999
+    assert rows["settings"]["clips_with_sound"] == 1 and rows["settings"]["seconds_per_clip_cascade"] > 0
+    assert 0 <= rows["cascade"]["ssim_face"] <= 1 and rows["cascade"]["fid"] >= 0
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| measure | cascade") and len(lines) == 2 + len(evaluate.REPORT_METRICS)
+    assert "DreamHead-FID (not comparable with Inception FID)" in table
+
+
+def test_report_refuses_clips_without_sound(tmp_path):
+    import clips
+    from cli import UsageError
+    clip = synth_clips.make_clip(0, 1, "test", size=128, seconds=1.0)
+    clips.save_clip(str(tmp_path / "clip_0"), {**clip, "has_audio": False})
+    with pytest.raises(UsageError, match="has sound"):
+        evaluate.main(["report", "--data", str(tmp_path), "--steps", "1"])

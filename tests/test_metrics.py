@@ -114,3 +114,46 @@ def test_silence_ratio_on_a_constructed_example():
     assert metrics.pauses(envelope, fps).sum() == 15
     assert abs(metrics.silence_ratio(opening, envelope, fps) - 0.25) < 1e-9
     assert np.isnan(metrics.silence_ratio(opening, np.full(100, 0.2), fps))  # no pause: nothing to say
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DreamHead-FID (fid.py) with the shipped feature network
+# ------------------------------------------------------------------------------------------------------------
+
+def test_frechet_distance_of_known_gaussians_and_of_singular_covariances():
+    import fid
+    assert abs(fid.frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) - 10.0) < 1e-9  # 9 + 4 + 1 - 2 * 2
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(10, 32))  # fewer samples than features: singular covariances
+    d = fid.frechet_distance(*fid.gaussian_stats(a), *fid.gaussian_stats(a + 1.0))
+    assert np.isfinite(d) and abs(d - 32.0) < 1e-3  # the shift alone: |1|^2 x 32 features
+    assert fid.frechet_distance(*fid.gaussian_stats(a), *fid.gaussian_stats(a)) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def face_sets():
+    """Face crops (64 px, framed like L2I's) of two held-out clips of one identity and one of another."""
+    import synth_clips
+    made = {k: synth_clips.make_clip(0, k, "test", size=128) for k in (0, 3, 1)}
+    assert made[0]["identity"] == made[3]["identity"] != made[1]["identity"]
+    crops = {k: landmarks.crop_clip_faces(c["frames"], c["landmarks"], 64, landmarks.FACE_IOD_FRACTION)[0]
+             for k, c in made.items()}
+    same = np.concatenate([crops[0], crops[3]])
+    order = np.random.default_rng(5).permutation(len(same))
+    return same[order[: len(same) // 2]], same[order[len(same) // 2:]], crops[1]
+
+
+def test_dreamhead_fid_is_small_for_halves_of_a_set_and_grows_with_corruption(face_sets):
+    import cv2
+
+    import fid
+    net = fid.load_feature_net("checkpoints/fid_tiny.pt")
+    half_a, half_b, other = face_sets
+    rng = np.random.default_rng(6)
+    same = fid.fid(half_a, half_b, net)
+    blurred = [fid.fid(half_a, np.stack([cv2.GaussianBlur(f, (0, 0), s) for f in half_b]), net) for s in (0.7, 1.4, 2.8)]
+    noisy = [fid.fid(half_a, np.clip(half_b + rng.normal(0, s, half_b.shape), 0, 255).astype(np.uint8), net)
+             for s in (6, 16, 40)]
+    assert same < blurred[0] < blurred[1] < blurred[2], (same, blurred)
+    assert same < noisy[0] < noisy[1] < noisy[2], (same, noisy)
+    assert fid.fid(half_a, other, net) > 2 * same
