@@ -6,6 +6,7 @@ answer before torch or MediaPipe load). Not a box of the paper's figure.
   SIGTERM end in one line and exit code 130 after the `finally` blocks have removed temporary files.
 * `ArgumentParser`: argparse whose errors are UsageErrors (one line, not a usage block).
 * Flag types that check a value before any work starts: `int_flag`, `float_flag`, `odd_window`, `seed_flag`.
+* `process_pool`: worker processes that end with their parent however it ends, and leave Ctrl-C to it.
 """
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ import argparse
 import errno
 import math
 import os
+import ctypes
+import multiprocessing
 import shutil
 import signal
 import sys
+import threading
+import time
 
 SEED_LIMIT = 2**64  # torch generators take seeds in [0, 2^64)
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is larger than allowed",
@@ -106,3 +111,46 @@ def odd_window(text: str) -> int:
 def seed_flag(text: str) -> int:
     """An argparse type: a seed in [0, 2^64)."""
     return int_flag(0, SEED_LIMIT - 1)(text)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Worker processes that end with their parent
+# ------------------------------------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> bool:
+    """Linux: have the kernel send this process SIGTERM when its parent dies, however it dies (a SIGKILL runs
+    no handler, so the parent cannot stop its workers itself). False where prctl is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    """Fallback without prctl: a worker idle in the pool's queue never notices a dead parent (it holds both ends
+    of the pipes), so poll: once the parent is gone the worker has been re-parented."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def worker_init(parent: int, then=None, *args) -> None:
+    """Pool initializer: end with the parent process `parent`; leave Ctrl-C to the parent, which terminates the
+    pool (else every worker prints its own KeyboardInterrupt traceback); then call then(*args) if given."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not _die_with_parent():
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before prctl took effect: no signal will come
+        os._exit(1)
+    if then is not None:
+        then(*args)
+
+
+def process_pool(workers: int, then=None, *args):
+    """A spawn-context multiprocessing.Pool of `workers` processes started by worker_init (then(*args) in each)."""
+    return multiprocessing.get_context("spawn").Pool(workers, worker_init, (os.getpid(), then, *args))

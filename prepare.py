@@ -31,7 +31,6 @@ import glob
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import subprocess
@@ -46,10 +45,9 @@ import torch
 from tqdm import tqdm
 
 import landmarks
-from cli import ArgumentParser, UsageError, float_flag, int_flag, odd_window, run_cli
+from cli import ArgumentParser, UsageError, float_flag, int_flag, odd_window, process_pool, run_cli
 from clips import FPS, SAMPLE_RATE, Mp4Writer, ffmpeg_exe
 from common import atomic_write
-from synth_clips import _worker_init
 
 VERSION = 1
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
@@ -533,9 +531,8 @@ def build_manifest(out: str, settings: dict) -> dict:
     return {"version": VERSION, "settings": settings, "clips": clips, "skipped": skipped, "summary": summary}
 
 
-def init_worker(parent: int) -> None:
-    """Pool initializer: one cv2 / torch thread a worker, and end with the parent (synth_clips' workers')."""
-    _worker_init(parent)
+def one_thread() -> None:
+    """A worker's set-up: one cv2 / torch thread each (the workers share the cores)."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
@@ -546,7 +543,7 @@ def run_jobs(jobs: list[dict], workers: int):
         yield from map(prepare_video, jobs)
         return
     # leaving by an exception (Ctrl-C, SIGTERM) terminates the workers: Pool.__exit__ calls terminate()
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), init_worker, (os.getpid(),)) as pool:
+    with process_pool(min(workers, len(jobs)), one_thread) as pool:
         yield from pool.imap_unordered(prepare_video, jobs)
 
 

@@ -9,20 +9,14 @@ plus the synthetic extras text, phonemes (P, 2) float32 start/end seconds and ph
 ceil(duration * 25) with duration = len(audio) / 16000.
 
 A folder of clips records what it was made with in synth.json (`check_settings`), so a folder of other
-settings is refused rather than silently extended; pool workers end with their parent (`_worker_init`).
+settings is refused rather than silently extended; pool workers end with their parent (`cli.process_pool`).
 
 `ensure_synthetic` generates a split into the cache on first use; `clips_or_synthetic` is what training and
 evaluation call: a clip folder when the user gives one, else the synthetic split.
 """
-import ctypes
 import glob
 import json
-import multiprocessing
 import os
-import signal
-import sys
-import threading
-import time
 
 import cv2
 import numpy as np
@@ -30,7 +24,7 @@ from tqdm import tqdm
 
 import clips
 import landmarks
-from cli import UsageError
+from cli import UsageError, process_pool
 from common import atomic_write
 from synth_face import EXTRA_IDENTITIES_START, TEST_IDENTITIES, TRAIN_IDENTITIES, identity_texture, render_clip, \
     _triangulation
@@ -41,7 +35,6 @@ EXAMPLE = dict(seed=0, index=16, split="test")  # the shipped example: a held-ou
 # is refused. 1: before synth.json (the breathy voices f2, f3, f5 were not reproducible); 2: all voices are.
 GENERATOR_VERSION = 2
 SETTINGS_FILE = "synth.json"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True, face_iod=0.0):
@@ -133,43 +126,6 @@ def check_settings(out, seed, split, size):
         atomic_write(path, write)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Workers that end with their parent
-# ------------------------------------------------------------------------------------------------------------
-
-def _die_with_parent():
-    """Linux: have the kernel send this process SIGTERM when its parent dies, however it dies (a SIGKILL runs
-    no handler, so the parent cannot stop its workers itself). False where prctl is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _watch_parent(parent):
-    """Fallback without prctl: a worker idle in the pool's queue never notices a dead parent (it holds both ends
-    of the pipes), so poll: once the parent is gone the worker has been re-parented."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-def _worker_init(parent):
-    """Pool initializer: end with the parent process `parent`; leave Ctrl-C to the parent, which terminates the
-    pool (else every worker prints its own KeyboardInterrupt traceback)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not _die_with_parent():
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if os.getppid() != parent:  # the parent died before prctl took effect: no signal will come
-        os._exit(1)
-
-
-def _pool(workers):
-    return multiprocessing.get_context("spawn").Pool(workers, _worker_init, (os.getpid(),))
-
-
 def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True):
     """Generate `count` clips into `out` (existing ones are kept); returns the npz paths in order.
 
@@ -191,7 +147,7 @@ def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True)
             return paths
         # leaving this block by an exception (Ctrl-C; SIGTERM, which run_cli turns into KeyboardInterrupt)
         # terminates the workers: Pool.__exit__ calls terminate()
-        with _pool(workers) as pool:
+        with process_pool(workers) as pool:
             for path in pool.imap(_synth_one, jobs):
                 paths.append(path)
                 bar.update()
