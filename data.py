@@ -1,14 +1,18 @@
 """The data command line: synthetic talking heads and the canonical template (not part of the paper).
 
     python data.py synth    --out DIR --clips N --seed S [--split train|test] [--size 256] [--workers 2]
+                            [--poses small|wide]
     python data.py verify   --dir DIR [--clips 20]      the generator against its own ground truth
     python data.py sheet    --out docs/data_contact_sheet.png [--video docs/data_sample.mp4]
+    python data.py poses    --out docs/poses_wide.png   extreme head poses of a few identities
     python data.py example  [--out examples]            the shipped example face, speech and truth
     python data.py template [--out assets/canonical_template.npy]
     python data.py detect   PHOTO [--out PANEL.png]     landmarks, pose and mouth box of one photo
 
-`synth` records its settings (seed, split, size, generator version) in DIR/synth.json and refuses a DIR made with
-other settings; a second run with the same ones only adds the clips that are missing.
+`synth` records its settings (seed, split, size, poses, generator version) in DIR/synth.json and refuses a DIR made
+with other settings; a second run with the same ones only adds the clips that are missing. --poses small (the
+default) is the slight head sway every shipped model was trained on; wide turns heads like talking-head footage
+(synth_clips.py).
 
 The generator itself lives in synth_speech.py (speech and motion), synth_face.py (faces and rendering) and
 synth_clips.py (clips); the canonical template is [A2L: landmarks P]'s frontal reference (landmarks.py).
@@ -33,7 +37,7 @@ from common import atomic_write, save_png
 from landmarks import EYE_OUTER_LEFT, EYE_OUTER_RIGHT, RIGID, detect_image, load_image_rgb
 from synth_clips import EXAMPLE, make_clip, synth
 from synth_face import render_clip
-from synth_speech import FPS, SAMPLE_RATE, articulation, bilabial_closures, pose_track, silences, speech_clip
+from synth_speech import FPS, POSES, SAMPLE_RATE, articulation, bilabial_closures, pose_track, silences, speech_clip
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -75,6 +79,11 @@ def ground_truth_checks(clip):
             "bilabials": len(bilabials)}
 
 
+def pose_range(P):
+    """Largest |pitch|, |yaw|, |roll| (degrees) of landmarks P (T, 478, 3) over the clip, as canonicalize sees them."""
+    return np.abs(landmarks.pose_angles(landmarks.canonicalize(P)[1]["R"])).max(0)
+
+
 def detection_checks(clip, frames):
     """MediaPipe detection rate on rendered frames and lip error (% IOD) of the found frames."""
     P, found = landmarks.detect_video(frames, max_gap=0, smooth=False)
@@ -100,12 +109,14 @@ def verify(folder, clips=20):
         if len(frames) != len(clip["landmarks"]):
             raise UsageError(f"{path}: video has {len(frames)} frames, landmarks {len(clip['landmarks'])}")
         rows.append({**ground_truth_checks(clip), **detection_checks(clip, frames), "frames": len(frames),
-                     "name": os.path.basename(path)[:-4], "identity": clip["identity"]})
+                     "name": os.path.basename(path)[:-4], "identity": clip["identity"],
+                     "pose": pose_range(clip["landmarks"])})
     print(f"{'clip':<12}{'id':>4}{'frames':>8}{'detected%':>11}{'lip%IOD':>9}{'silence%':>10}{'bilabial%':>11}"
-          f"{'corr':>7}")
+          f"{'corr':>7}  max |pitch| |yaw| |roll| deg")
     for r in rows:
         print(f"{r['name']:<12}{r['identity']:>4}{r['frames']:>8}{r['detected'] * 100:>11.1f}{r['lip_error']:>9.2f}"
-              f"{r['silence_max'] * 100:>10.1f}{r['bilabial_max'] * 100:>11.1f}{r['corr']:>7.3f}")
+              f"{r['silence_max'] * 100:>10.1f}{r['bilabial_max'] * 100:>11.1f}{r['corr']:>7.3f}"
+              f"  {r['pose'][0]:5.1f} {r['pose'][1]:5.1f} {r['pose'][2]:5.1f}")
     frames_total = sum(r["frames"] for r in rows)
     summary = {
         "clips": len(rows), "frames": frames_total,
@@ -114,6 +125,7 @@ def verify(folder, clips=20):
         "silence_open_max": max(r["silence_max"] for r in rows),
         "bilabial_open_max": max(r["bilabial_max"] for r in rows),
         "corr_min": min(r["corr"] for r in rows), "corr_mean": float(np.mean([r["corr"] for r in rows])),
+        "pose_max_deg": np.max([r["pose"] for r in rows], 0).tolist(),  # pitch, yaw, roll
     }
     print(f"clips {summary['clips']}, frames {frames_total}")
     print(f"MediaPipe detection rate        {summary['detection_rate'] * 100:.2f} %   (target >= 98)")
@@ -122,6 +134,8 @@ def verify(folder, clips=20):
     print(f"GT opening at bilabials         {summary['bilabial_open_max'] * 100:.1f} % of clip max (target < 10)")
     print(f"corr(opening, RMS 40 ms)        min {summary['corr_min']:.3f}, mean {summary['corr_mean']:.3f} "
           f"(target >= 0.5)")
+    pitch, yaw, roll = summary["pose_max_deg"]
+    print(f"head pose reached (GT)          |pitch| {pitch:.1f}, |yaw| {yaw:.1f}, |roll| {roll:.1f} deg")
     return summary
 
 
@@ -154,6 +168,25 @@ def contact_sheet(out, video=None, size=256, seed=7, cell_px=192):
         drawn = np.stack([landmarks.draw_landmark_image(m[:, :2], size) for m in clip["landmarks"]])
         drawn = drawn if drawn.ndim == 4 else np.repeat(drawn[..., None], 3, -1)
         write_mp4(video, np.concatenate([clip["frames"], drawn.astype(np.uint8)], 2), clip["audio"], crf=30)
+
+
+EXTREME_POSES = ((-25, 0, 0), (0, 0, 0), (25, 0, 0), (0, -15, 0), (0, 15, 0), (0, 0, -15), (0, 0, 15))
+
+
+def pose_sheet(out, identities=(0, 3, 17, 18), size=256, cell_px=128, poses=EXTREME_POSES):
+    """Contact sheet of the wide poses' extremes: a row per identity, a column per (yaw, pitch, roll) of
+    `poses` (a half-open mouth, the renderer for turning heads), the last column all three at once with a
+    10 % larger head."""
+    pose = np.zeros((len(poses) + 1, 6), np.float32)
+    pose[:-1, :3] = poses
+    pose[-1] = (25, -15, 15, 0, 0, 0.1)
+    art = np.tile(np.array([[0.4, 0.0]], np.float32), (len(pose), 1))
+    rows = []
+    for identity in tqdm(identities, desc="poses", unit="identity"):
+        frames, _ = render_clip(identity, art, np.zeros(len(pose), np.float32), pose, size)
+        rows.append(np.concatenate([cv2.resize(f, (cell_px, cell_px), interpolation=cv2.INTER_AREA)
+                                    for f in frames], 1))
+    save_png(out, np.concatenate(rows, 0))
 
 
 def example(out="examples"):
@@ -279,6 +312,8 @@ def main(argv=None):
     s.add_argument("--split", choices=("train", "test"), default="train")
     s.add_argument("--size", type=int_flag(64), default=256)
     s.add_argument("--workers", type=int_flag(1), default=2)
+    s.add_argument("--poses", choices=POSES, default="small",
+                   help="head motion: small (the shipped models' slight sway) or wide (turning heads)")
     v = sub.add_parser("verify", help="measure detection, lip error and mouth/audio agreement")
     v.add_argument("--dir", required=True)
     v.add_argument("--clips", type=int_flag(1), default=20)
@@ -286,6 +321,8 @@ def main(argv=None):
     c.add_argument("--out", default="docs/data_contact_sheet.png")
     c.add_argument("--video", default=None)
     c.add_argument("--size", type=int_flag(64), default=256)
+    o = sub.add_parser("poses", help="contact sheet png of extreme wide head poses")
+    o.add_argument("--out", default="docs/poses_wide.png")
     e = sub.add_parser("example", help="the example inputs shipped in examples/ (a held-out face and sentence)")
     e.add_argument("--out", default="examples")
     t = sub.add_parser("template", help="rebuild the canonical template from the two sample photos")
@@ -304,12 +341,14 @@ def main(argv=None):
         detect(args.image, args.out, args.size)
     elif args.command == "synth":
         start = time.time()
-        paths = synth(args.out, args.clips, args.seed, args.split, args.size, args.workers)
+        paths = synth(args.out, args.clips, args.seed, args.split, args.size, args.workers, poses=args.poses)
         frames = sum(len(np.load(p)["landmarks"]) for p in paths)
         elapsed = time.time() - start
         print(f"{len(paths)} clips, {frames} frames in {elapsed:.1f} s ({frames / elapsed:.1f} frames/s) -> {args.out}")
     elif args.command == "verify":
         verify(args.dir, args.clips)
+    elif args.command == "poses":
+        pose_sheet(args.out)
     else:
         contact_sheet(args.out, args.video, args.size)
 

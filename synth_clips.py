@@ -13,6 +13,13 @@ settings is refused rather than silently extended; pool workers end with their p
 
 `ensure_synthetic` generates a split into the cache on first use; `clips_or_synthetic` is what training and
 evaluation call: a clip folder when the user gives one, else the synthetic split.
+
+poses (`synth_speech.POSES`): "small", the slight sway all shipped models and documented numbers were made with
+(the default, bit for bit as before), or "wide", heads that turn +-25 deg, nod and tilt +-15 deg, move and change
+size like talking-head footage (`synth_speech.wide_pose_track`, drawn with `synth_face.render_clip`'s renderer
+for turning heads). It is part of a folder's identity: recorded in synth.json, and the wide sets of the cache
+live in folders of their own (root/<split>_wide_<count>_<seed>/). The held-out "posed" test set is split "test"
+(the test identities and sentences) with poses "wide".
 """
 import glob
 import json
@@ -28,7 +35,8 @@ from cli import UsageError, process_pool
 from common import atomic_write
 from synth_face import EXTRA_IDENTITIES_START, TEST_IDENTITIES, TRAIN_IDENTITIES, identity_texture, render_clip, \
     _triangulation
-from synth_speech import FPS, SAMPLE_RATE, articulation, blink_track, pose_track, speech_clip
+from synth_speech import FPS, POSES, SAMPLE_RATE, articulation, blink_track, head_pose, pose_track, speech_clip, \
+    wide_pose_track
 
 EXAMPLE = dict(seed=0, index=16, split="test")  # the shipped example: a held-out identity (18), a held-out sentence
 # Bump when make_clip gives other clips for the same (seed, index, split, size): a folder made by another version
@@ -37,12 +45,16 @@ GENERATOR_VERSION = 2
 SETTINGS_FILE = "synth.json"
 
 
-def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True, face_iod=0.0):
+def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True, face_iod=0.0,
+                      poses="small"):
     """Still frames uint8 (identities * frames_per_identity, size, size, 3) of `identities` extra random
     identities (numbers from EXTRA_IDENTITIES_START: appearance drawn like identities 0-19, never one of them),
     with random speech mouth shapes, blinks and poses. Only the VAE trains on them: an autoencoder that sees 16
     faces learns those faces; it has to see many to learn to compress faces it has never seen. face_iod > 0:
-    face crops with that inter-ocular fraction (landmarks.face_crop_box) instead of the rendered framing."""
+    face crops with that inter-ocular fraction (landmarks.face_crop_box) instead of the rendered framing.
+    poses "small": the moderate stills the shipped VAEs saw (twice the clips' small range); "wide": those of
+    wide-pose clips."""
+    _check_poses(poses)
     out = []
     for k in tqdm(range(identities), desc="VAE identities", unit="id", disable=not progress):
         identity = EXTRA_IDENTITIES_START + seed * 100_000 + k
@@ -50,8 +62,12 @@ def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progr
         audio, phonemes, ipa, _ = speech_clip(rng, "train", 2.0, None)
         art = articulation(phonemes, ipa, len(audio) / SAMPLE_RATE, audio)
         pick = np.sort(rng.choice(len(art), min(frames_per_identity, len(art)), replace=False))
-        frames, P = render_clip(identity, art[pick], blink_track(rng, len(art))[pick],
-                                pose_track(rng, len(art), max_deg=(8.0, 6.0, 5.0), max_shift=0.04)[pick])
+        blink = blink_track(rng, len(art))
+        if poses == "small":
+            pose = pose_track(rng, len(art), max_deg=(8.0, 6.0, 5.0), max_shift=0.04)
+        else:
+            pose = wide_pose_track(rng, len(art))
+        frames, P = render_clip(identity, art[pick], blink[pick], pose[pick])
         if face_iod:  # independent stills: each framed on its own
             out.append(landmarks.crop_clip_faces(frames, P, size, face_iod, smooth=1)[0])
         else:
@@ -59,6 +75,11 @@ def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progr
         identity_texture.cache_clear()
         _triangulation.cache_clear()
     return np.concatenate(out)
+
+
+def _check_poses(poses):
+    if poses not in POSES:
+        raise UsageError(f"unknown poses {poses!r}; use one of {', '.join(POSES)}")
 
 
 def pick_identity(rng, split):
@@ -69,15 +90,17 @@ def pick_identity(rng, split):
     return int(ids[rng.integers(len(ids))])
 
 
-def make_clip(seed, index, split="train", size=256, seconds=None, text=None):
-    """One clip in the clip format (clips.py) plus its frames, deterministic in (seed, index, split)."""
+def make_clip(seed, index, split="train", size=256, seconds=None, text=None, poses="small"):
+    """One clip in the clip format (clips.py) plus its frames, deterministic in (seed, index, split, poses);
+    poses "small" and "wide" share the identity, speech, mouth and blinks, and differ in the head track."""
+    _check_poses(poses)
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
     identity = pick_identity(rng, split)
     audio, phonemes, ipa, text = speech_clip(rng, split, seconds, text)
     duration = len(audio) / SAMPLE_RATE
     art = articulation(phonemes, ipa, duration, audio)
     frames_n = len(art)
-    frames, meshes = render_clip(identity, art, blink_track(rng, frames_n), pose_track(rng, frames_n), size)
+    frames, meshes = render_clip(identity, art, blink_track(rng, frames_n), head_pose(rng, frames_n, poses), size)
     return {"frames": frames, "landmarks": meshes, "fps": FPS, "identity": str(identity), "audio": audio,
             "sample_rate": SAMPLE_RATE, "text": text, "phonemes": phonemes, "phoneme_ipa": np.array(ipa),
             "frame_size": (size, size)}
@@ -85,10 +108,10 @@ def make_clip(seed, index, split="train", size=256, seconds=None, text=None):
 
 def _synth_one(job):
     cv2.setNumThreads(1)
-    out, seed, index, split, size = job
+    out, seed, index, split, size, poses = job
     stem = os.path.join(out, f"clip_{index:04d}")
     if not (os.path.exists(stem + ".npz") and os.path.exists(stem + ".mp4")):
-        clips.save_clip(stem, make_clip(seed, index, split, size))
+        clips.save_clip(stem, make_clip(seed, index, split, size, poses=poses))
     return stem + ".npz"
 
 
@@ -107,14 +130,14 @@ def _read_settings(path):
         raise UsageError(f"cannot read {path} ({err}); delete the folder or generate into another one") from None
 
 
-def check_settings(out, seed, split, size):
+def check_settings(out, seed, split, size, poses="small"):
     """Refuse the folder `out` when its synth.json records other settings; write synth.json into a folder
     without clips. A folder with clips and no synth.json (made before the file existed) is accepted as it is:
-    nothing says what it was made with."""
-    wanted = {"generator": GENERATOR_VERSION, "seed": int(seed), "split": split, "size": int(size)}
+    nothing says what it was made with; a synth.json without poses (made before wide poses) means "small"."""
+    wanted = {"generator": GENERATOR_VERSION, "seed": int(seed), "split": split, "size": int(size), "poses": poses}
     path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(path):
-        found = _read_settings(path)
+        found = {"poses": "small", **_read_settings(path)}
         differs = [f"{key} {found.get(key)} (not {value})" for key, value in wanted.items() if found.get(key) != value]
         if differs:
             raise UsageError(f"{out} holds clips made with other settings: {', '.join(differs)} per its "
@@ -126,20 +149,22 @@ def check_settings(out, seed, split, size):
         atomic_write(path, write)
 
 
-def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True):
+def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True, poses="small"):
     """Generate `count` clips into `out` (existing ones are kept); returns the npz paths in order.
 
     `out` records the settings in synth.json; a folder made with other settings is refused (UsageError)."""
     if count < 1 or size < 64:
         raise UsageError("need --clips >= 1 and --size >= 64")
+    _check_poses(poses)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create {out}: {err.strerror}; choose a writable --out folder") from None
-    check_settings(out, seed, split, size)
-    jobs = [(out, seed, i, split, size) for i in range(count)]
+    check_settings(out, seed, split, size, poses)
+    jobs = [(out, seed, i, split, size, poses) for i in range(count)]
     paths = []
-    with tqdm(total=count, desc=f"synth {split}", unit="clip", disable=not progress) as bar:
+    desc = f"synth {split}" + ("" if poses == "small" else f" {poses} poses")
+    with tqdm(total=count, desc=desc, unit="clip", disable=not progress) as bar:
         if workers <= 1:
             for job in jobs:
                 paths.append(_synth_one(job))
@@ -154,19 +179,29 @@ def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True)
     return paths
 
 
-def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=256, workers=2):
-    """Paths of `count` synthetic clips in root/<split>_<count>_<seed>/, generated on first use."""
-    folder = os.path.join(root, f"{split}_{count}_{seed}" + ("" if size == 256 else f"_{size}px"))
+def synthetic_folder(split="train", count=64, seed=0, root="cache/synth", size=256, poses="small"):
+    """The cache folder of a synthetic set: root/<split>_<count>_<seed>[_<size>px] for small poses (as before
+    poses existed, so those caches stay valid), root/<split>_<poses>_<count>_<seed>[_<size>px] for others."""
+    _check_poses(poses)
+    name = split + ("" if poses == "small" else f"_{poses}") + f"_{count}_{seed}"
+    return os.path.join(root, name + ("" if size == 256 else f"_{size}px"))
+
+
+def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=256, workers=2, poses="small"):
+    """Paths of `count` synthetic clips in `synthetic_folder`, generated on first use."""
+    folder = synthetic_folder(split, count, seed, root, size, poses)
     paths = [os.path.join(folder, f"clip_{i:04d}.npz") for i in range(count)]
     if all(os.path.exists(p) and os.path.exists(p[:-4] + ".mp4") for p in paths):
-        check_settings(folder, seed, split, size)
+        check_settings(folder, seed, split, size, poses)
         return paths
-    return synth(folder, count, seed, split, size, workers)
+    return synth(folder, count, seed, split, size, workers, poses=poses)
 
 
-def clips_or_synthetic(folder: str | None, split: str, count: int, seed: int = 0, cache: str = "cache") -> list[str]:
+def clips_or_synthetic(folder: str | None, split: str, count: int, seed: int = 0, cache: str = "cache",
+                       poses: str = "small") -> list[str]:
     """The clips of `folder` (clips.clip_paths; of a prepared folder, those of `split`), or `count` synthetic
-    clips of `split` generated on first use."""
+    clips of `split` with head poses `poses` generated on first use (split "test", poses "wide": the held-out
+    posed set). poses only chooses among synthetic sets: a folder's clips are what they are."""
     if folder is not None:
         return clips.clip_paths(folder, split if clips.is_prepared(folder) else None)
-    return ensure_synthetic(split, count, seed, root=os.path.join(cache, "synth"))
+    return ensure_synthetic(split, count, seed, root=os.path.join(cache, "synth"), poses=poses)

@@ -146,17 +146,26 @@ def rotation(yaw, pitch, roll):
 
 
 def animate(N, shapes, art, blink, pose, size):
-    """Animated meshes (T, 478, 3) px from the neutral mesh and per-frame tracks."""
+    """Animated meshes (T, 478, 3) px from the neutral mesh and per-frame tracks; pose (T, 5) yaw, pitch, roll
+    degrees and tx, ty frame fractions, or (T, 6) with a scale change (size / neutral size - 1) as well."""
     opening, spread = art[:, 0, None, None], art[:, 1, None, None]  # (T, 1, 1)
     P = (N[None] + opening * shapes["open"] + np.maximum(spread, 0) * shapes["spread"]
          + np.minimum(spread, 0) * (shapes["spread"] - shapes["pout"]) + blink[:, None, None] * shapes["blink"])
     centre = N.mean(0)
     out = np.empty_like(P)
     for t in range(len(P)):
-        R = rotation(*pose[t, :3])
-        out[t] = (P[t] - centre) @ R.T + centre
-        out[t, :, :2] += pose[t, 3:] * size
+        out[t] = head_motion(P[t], pose[t], centre, size)
     return out.astype(np.float32)
+
+
+def head_motion(X, pose_t, centre, size):
+    """Points X (N, 3) px moved by one frame's head pose (5 or 6 values, `animate`) about `centre`."""
+    R = rotation(*pose_t[:3])
+    if len(pose_t) > 5:  # a scale change (wide poses): the head comes closer or moves away
+        R = R * (1 + pose_t[5])
+    out = (X - centre) @ R.T + centre
+    out[:, :2] += pose_t[3:5] * size
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -310,6 +319,13 @@ def _triangulation(identity, size):
     return tri[~(across | inner)]
 
 
+def _anchor_depth(anchors, mesh):
+    """A depth for each anchor: that of the nearest face-oval point (the hair and ears lie around the face)."""
+    oval = mesh[list(FACE_OVAL_RING)]
+    nearest = np.linalg.norm(anchors[:, None] - oval[None, :, :2], axis=-1).argmin(1)
+    return oval[nearest, 2]
+
+
 def _anchor_targets(anchors, follow, mesh_t, neutral, size):
     """Move anchors with the head: the least-squares similarity of the rigid points, partially."""
     src, dst = neutral[landmarks.RIGID, :2], mesh_t[landmarks.RIGID, :2]
@@ -332,15 +348,34 @@ def _triangle_affines(dst, src):
     return np.concatenate([linear, offset[:, :, None]], 2)
 
 
-def warp_frame(texture, tex_points, tri, target_points, depth):
+def _signed_area(points):
+    """Twice the signed area of triangles (K, 3, 2) (> 0 counter-clockwise in x right, y down)."""
+    e1, e2 = points[:, 1] - points[:, 0], points[:, 2] - points[:, 0]
+    return e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+
+
+def paint_order(tex_points, tri, target_points, depth, facing=False):
+    """Order to paint triangles in: far first, near last (mean vertex depth). facing: triangles turned away
+    from the camera (their target winding flipped against the texture's) go under all that face it, and those
+    with an anchor (background, hair) under both, so a far cheek or the far side of the nose turned behind
+    nearer parts never paints over them, whatever the depth sort of large triangles says."""
+    order = np.argsort(-depth[tri].mean(1))
+    if not facing:
+        return order
+    away = _signed_area(target_points[tri]) * _signed_area(tex_points[tri]) <= 0
+    layer = np.where((tri >= landmarks.NUM_LANDMARKS).any(1), 0, np.where(away, 1, 2))
+    return order[np.argsort(layer[order], kind="stable")]
+
+
+def warp_frame(texture, tex_points, tri, target_points, depth, facing=False):
     """Render texture (H, W, 3) float32 so tex_points land on target_points (piecewise affine).
 
-    Triangle ids are rasterised far-to-near with cv2.fillPoly, each pixel is mapped back to the texture
-    by its triangle's affine map, and cv2.remap samples it.
+    Triangle ids are rasterised in `paint_order` with cv2.fillPoly, each pixel is mapped back to the
+    texture by its triangle's affine map, and cv2.remap samples it.
     """
     h, w = texture.shape[:2]
     ids = np.full((h, w), -1, np.int32)
-    order = np.argsort(-depth[tri].mean(1))  # far first, near last
+    order = paint_order(tex_points, tri, target_points, depth, facing)
     pts = np.round(target_points[tri] * 16).astype(np.int32)  # (K, 3, 2) with 4 fractional bits
     for k in order:
         cv2.fillPoly(ids, [pts[k]], int(k), lineType=cv2.LINE_8, shift=4)
@@ -388,12 +423,20 @@ def draw_mouth(image, mesh_t, iod):
     return image
 
 
-def render_clip(identity, art, blink, pose, size=256):
-    """Frames uint8 (T, size, size, 3) and ground-truth landmarks float32 (T, 478, 3) px."""
+def render_clip(identity, art, blink, pose, size=256, turning=None):
+    """Frames uint8 (T, size, size, 3) and ground-truth landmarks float32 (T, 478, 3) px.
+
+    pose (T, 5) or (T, 6) (`animate`). turning, the renderer for turning heads (default: on for (T, 6) poses,
+    the wide ones; off for (T, 5), which keeps the small-pose clips of the shipped models bit for bit):
+    triangles turned away go under those facing the camera (`paint_order`), and the anchors around the face
+    turn with the head in 3-D at the depth of the face's edge, partially (`_anchors`' follow), rather than
+    following a 2-D similarity of the rigid points, which at large yaw stretches the far side's hair and skin
+    into streaks and folds the near side's."""
     T = len(art)
-    if art.shape != (T, 2) or np.shape(blink) != (T,) or np.shape(pose) != (T, 5):
-        raise ValueError(f"render_clip expects art (T, 2), blink (T,), pose (T, 5), got {art.shape}, "
+    if art.shape != (T, 2) or np.shape(blink) != (T,) or np.shape(pose) not in ((T, 5), (T, 6)):
+        raise ValueError(f"render_clip expects art (T, 2), blink (T,), pose (T, 5) or (T, 6), got {art.shape}, "
                          f"{np.shape(blink)}, {np.shape(pose)}")
+    turning = np.shape(pose)[1] == 6 if turning is None else turning
     texture, tex_mesh, neutral = identity_texture(identity, size)
     shapes = blendshapes(neutral)
     meshes = animate(neutral, shapes, art, blink, pose, size)
@@ -403,8 +446,14 @@ def render_clip(identity, art, blink, pose, size=256):
     tex_points = np.concatenate([tex_mesh[:, :2], anchors])
     frames = np.empty((len(meshes), size, size, 3), np.uint8)
     far = np.full(len(anchors), float(neutral[:, 2].max()) + iod)
+    anchors3 = np.concatenate([anchors, _anchor_depth(anchors, tex_mesh)[:, None]], 1)
+    centre = neutral.mean(0)
     for t, mesh_t in enumerate(meshes):
-        target = np.concatenate([mesh_t[:, :2], _anchor_targets(anchors, follow, mesh_t, neutral, size)])
-        image = warp_frame(texture, tex_points, tri, target, np.concatenate([mesh_t[:, 2], far]))
+        if turning:
+            moved = anchors + follow[:, None] * (head_motion(anchors3, pose[t], centre, size)[:, :2] - anchors)
+        else:
+            moved = _anchor_targets(anchors, follow, mesh_t, neutral, size)
+        target = np.concatenate([mesh_t[:, :2], moved])
+        image = warp_frame(texture, tex_points, tri, target, np.concatenate([mesh_t[:, 2], far]), turning)
         frames[t] = np.clip(draw_mouth(image, mesh_t, iod), 0, 255).astype(np.uint8)
     return frames, meshes

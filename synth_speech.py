@@ -8,7 +8,9 @@ measured offline with exact ground truth (`synth_clips.make_clip` puts the piece
   with random voices, variants, pitch and rate; phoneme events give IPA labels and timings;
 - motion: per-phoneme viseme targets (jaw opening, lip spread/rounding) with coarticulation (a zero-phase
   critically damped filter), a closure envelope that shuts the lips at bilabials and in silences, natural
-  blinks and a small smooth head pose (`synth_face.animate` applies them to the mesh).
+  blinks and a smooth head pose (`synth_face.animate` applies them to the mesh): `pose_track`, the small sway
+  of the shipped models (poses "small"), or `wide_pose_track`, heads that turn, nod, tilt, move and come closer
+  like people in talking-head footage (poses "wide"; `head_pose` picks one).
 
 Time convention: frame i shows time (i + 0.5) / fps (its centre), so frame i lines up with the audio window
 [i / fps, (i + 1) / fps).
@@ -383,3 +385,65 @@ def pose_track(rng, frames, fps=FPS, max_deg=(4.0, 3.0, 2.5), max_shift=0.015):
         wave = (weights[:, None] * np.sin(2 * np.pi * freqs[:, None] * t + phases[:, None])).sum(0)
         out[:, k] = amp * wave / weights.sum()
     return out.astype(np.float32)
+
+
+POSES = ("small", "wide")  # the head-motion setting of a synthetic clip (`python data.py synth --poses`)
+
+
+def _soft_limit(x, amp, knee=0.8):
+    """x unchanged within +-knee * amp, then bent smoothly (tanh, C1) towards +-amp, never past it."""
+    a = np.abs(x) / amp
+    bent = knee + (1 - knee) * np.tanh((a - knee) / (1 - knee))
+    return np.sign(x) * amp * np.where(a <= knee, a, bent)
+
+
+def _sinusoids(rng, t, low=0.08, high=0.4, n=3):
+    """Sum of n random slow sinusoids (frequencies low..high Hz), peak 1 over t."""
+    freqs, phases, weights = rng.uniform(low, high, n), rng.uniform(0, 2 * np.pi, n), rng.uniform(0.3, 1, n)
+    wave = (weights[:, None] * np.sin(2 * np.pi * freqs[:, None] * t + phases[:, None])).sum(0)
+    return wave / max(np.abs(wave).max(), 1e-9)
+
+
+def _turns(rng, t, amp):
+    """Look from place to place: holds of 0.6-2.5 s joined by raised-cosine turns of 0.5-1.2 s, to targets
+    mostly on the other side of the range (up to +-amp)."""
+    current = rng.uniform(-1, 1) * amp
+    x = np.full(len(t), current)
+    start = rng.uniform(0.2, 1.5)
+    while start < t[-1]:
+        if rng.random() < 0.75:
+            target = -np.sign(current) * rng.uniform(0.3, 1.0) * amp
+        else:
+            target = rng.uniform(-1, 1) * amp
+        duration = rng.uniform(0.5, 1.2)
+        s = np.clip((t - start) / duration, 0, 1)
+        x = x + (target - current) * (0.5 - 0.5 * np.cos(np.pi * s))
+        current = target
+        start += duration + rng.uniform(0.6, 2.5)
+    return x
+
+
+def wide_pose_track(rng, frames, fps=FPS, max_deg=(25.0, 15.0, 15.0), max_shift=0.04, max_scale=0.1):
+    """Head motion of talking-head footage: (yaw, pitch, roll) degrees, (tx, ty) frame fractions and a scale
+    change (size / neutral size - 1) per frame, (T, 6).
+
+    Yaw and pitch look from place to place (`_turns`) with a slow sway of a fifth of the range on top; roll,
+    shift and scale are slow sinusoids stretched so each reaches 50-100 % of its range within the clip. Every
+    channel stays within its range (`_soft_limit`), so a 4-8 s clip visits a good part of +-25 deg yaw,
+    +-15 pitch, +-15 roll, +-4 % shift and +-10 % scale."""
+    t = np.arange(frames) / fps
+    out = np.zeros((frames, 6))
+    for k, amp in enumerate(max_deg[:2]):
+        out[:, k] = _soft_limit(_turns(rng, t, amp) + 0.2 * amp * _sinusoids(rng, t), amp)
+    for k, amp in zip(range(2, 6), (max_deg[2], max_shift, max_shift, max_scale)):
+        out[:, k] = amp * rng.uniform(0.5, 1.0) * _sinusoids(rng, t)
+    return out.astype(np.float32)
+
+
+def head_pose(rng, frames, poses="small", fps=FPS):
+    """The head track of a clip: `pose_track` (T, 5) for poses "small", `wide_pose_track` (T, 6) for "wide"."""
+    if poses == "small":
+        return pose_track(rng, frames, fps)
+    if poses == "wide":
+        return wide_pose_track(rng, frames, fps)
+    raise ValueError(f"poses must be one of {POSES}, got {poses!r}")

@@ -1,6 +1,7 @@
 """Tests of data.py: espeak-ng speech, viseme tracks, rendered clips, files, splits, MediaPipe agreement."""
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -106,6 +107,71 @@ def test_clip_files_keys_shapes_and_codecs(short_clip):
     assert clips.read_frames(mp4, size=64).shape == (T, 64, 64, 3)
 
 
+def _digest(array):
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def test_small_poses_give_the_clips_of_before_wide_poses(short_clip):
+    """poses "small" (the default) must keep every clip bit for bit: the shipped models and the documented numbers
+    were made with them. Digests of the clip's frames and landmarks from the generator before wide poses."""
+    clip = short_clip[0]
+    assert (_digest(clip["frames"]), _digest(clip["landmarks"])) == ("754c94b59436cefc", "ce21a9ee88939620")
+    assert _digest(synth_clips.appearance_frames(2, 3, 32, seed=0, progress=False)) == "67df6bf0c54f56d6"
+    art, blink = np.zeros((2, 2), np.float32), np.zeros(2, np.float32)
+    pose = np.array([[3, -2, 1, 0.01, -0.01]] * 2, np.float32)
+    small = synth_face.render_clip(3, art, blink, pose, 64)
+    as_six = synth_face.render_clip(3, art, blink, np.concatenate([pose, np.zeros((2, 1), np.float32)], 1), 64,
+                                    turning=False)
+    assert all(np.array_equal(a, b) for a, b in zip(small, as_six))  # a (T, 6) pose of scale 0 is the same head
+
+
+@pytest.fixture(scope="module")
+def wide_tracks():
+    """Wide head tracks of 6 s at 25 fps for 12 seeds, (12, 150, 6)."""
+    return np.stack([synth_speech.wide_pose_track(np.random.default_rng(seed), 150) for seed in range(12)])
+
+
+def test_wide_pose_tracks_reach_the_range_and_stay_smooth(wide_tracks):
+    limits = np.array([25, 15, 15, 0.04, 0.04, 0.1])
+    peak = np.abs(wide_tracks).max(1)  # (12, 6) per clip
+    assert np.all(peak <= limits + 1e-6)
+    assert np.all(peak[:, 0] > 12)  # every clip turns
+    assert np.all(peak.max(0) > 0.9 * limits)  # over a few clips each channel comes near its limit
+    assert np.all(np.median(peak, 0) > 0.5 * limits)
+    step = np.abs(np.diff(wide_tracks, axis=1)).max((0, 1))  # per frame at 25 fps
+    assert np.all(step[:3] < 6.0) and np.all(step[3:5] < 0.01) and step[5] < 0.02
+    accel = np.abs(np.diff(wide_tracks, 2, axis=1)).max((0, 1))
+    assert np.all(accel[:3] < 2.0)  # a raised-cosine turn of 50 deg in 0.5 s: 1.6 deg per frame squared
+    with pytest.raises(ValueError):
+        synth_speech.head_pose(np.random.default_rng(0), 10, "huge")
+
+
+@pytest.fixture(scope="module")
+def wide_clip():
+    """A ~2 s wide-pose test clip at 256 px (test identities and sentences)."""
+    return synth_clips.make_clip(seed=0, index=2, split="test", size=256, seconds=2.0, poses="wide")
+
+
+def test_wide_clip_turns_and_mediapipe_agrees_with_its_truth(wide_clip):
+    small = synth_clips.make_clip(seed=0, index=2, split="test", size=64, seconds=2.0)
+    assert small["identity"] == wide_clip["identity"] and small["text"] == wide_clip["text"]
+    angles = landmarks.pose_angles(landmarks.canonicalize(wide_clip["landmarks"])[1]["R"])  # (T, 3) pitch, yaw, roll
+    assert np.abs(angles).max(0)[1] > 15 and np.abs(np.diff(angles, axis=0)).max() < 8
+    frames = wide_clip["frames"][::5]
+    checks = data.detection_checks({"landmarks": wide_clip["landmarks"][::5]}, frames)
+    assert checks["detected"] == 1.0 and checks["lip_error"] < 5.0
+
+
+def test_renderer_for_turning_heads_keeps_turned_away_triangles_under_facing_ones():
+    tex = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], np.float64)
+    tri = np.array([[0, 1, 2], [1, 3, 2]])
+    target = tex.copy()
+    target[3] = (-2, -2)  # the second triangle folds over the first: it turned away
+    depth = np.array([5.0, 5, 5, -5])  # and is nearer by depth
+    assert synth_face.paint_order(tex, tri, target, depth).tolist() == [0, 1]  # far to near: it paints last
+    assert synth_face.paint_order(tex, tri, target, depth, facing=True).tolist() == [1, 0]
+
+
 def test_clip_is_deterministic_by_seed(short_clip):
     clip = short_clip[0]
     again = synth_clips.make_clip(seed=3, index=0, split="train", size=128, text=TEXT)
@@ -164,7 +230,7 @@ def test_synth_records_its_settings_and_refuses_a_folder_made_with_others(tmp_pa
     data.main(["synth", "--out", folder, "--clips", "1", "--seed", "1", "--split", "test", "--size", "64",
                "--workers", "1"])
     settings = os.path.join(folder, synth_clips.SETTINGS_FILE)
-    recorded = {"generator": synth_clips.GENERATOR_VERSION, "seed": 1, "split": "test", "size": 64}
+    recorded = {"generator": synth_clips.GENERATOR_VERSION, "seed": 1, "split": "test", "size": 64, "poses": "small"}
     assert json.load(open(settings)) == recorded
     with pytest.raises(UsageError, match=r"seed 1 \(not 2\), size 64 \(not 128\).*another one"):
         data.main(["synth", "--out", folder, "--clips", "1", "--seed", "2", "--split", "test", "--size", "128"])
@@ -174,9 +240,27 @@ def test_synth_records_its_settings_and_refuses_a_folder_made_with_others(tmp_pa
     json.dump({**recorded, "generator": 1}, open(settings, "w"))  # made by an older generator
     with pytest.raises(UsageError, match=r"generator 1 \(not \d+\)"):
         synth_clips.ensure_synthetic("test", count=1, seed=1, root=str(tmp_path), size=64, workers=1)
+    json.dump({key: value for key, value in recorded.items() if key != "poses"}, open(settings, "w"))
+    assert synth_clips.ensure_synthetic("test", count=1, seed=1, root=str(tmp_path), size=64, workers=1) == [
+        os.path.join(folder, "clip_0000.npz")]  # made before poses existed: small poses
+    with pytest.raises(UsageError, match=r"poses small \(not wide\)"):
+        synth_clips.synth(folder, 1, seed=1, split="test", size=64, workers=1, progress=False, poses="wide")
     os.remove(settings)  # a cache from before synth.json: accepted as it is
     paths = synth_clips.ensure_synthetic("test", count=1, seed=1, root=str(tmp_path), size=64, workers=1)
     assert paths == [os.path.join(folder, "clip_0000.npz")] and not os.path.exists(settings)
+
+
+def test_wide_poses_have_cache_folders_of_their_own(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    assert synth_clips.synthetic_folder("test", 8, 0, root) == os.path.join(root, "test_8_0")  # as before poses
+    assert synth_clips.synthetic_folder("test", 8, 0, root, 64, "wide") == os.path.join(root, "test_wide_8_0_64px")
+    made = []
+    monkeypatch.setattr(synth_clips, "synth", lambda out, count, seed, split, size, workers, poses: made.append(
+        (out, poses)) or [])
+    synth_clips.clips_or_synthetic(None, "test", 8, 0, cache=root, poses="wide")
+    assert made == [(os.path.join(root, "synth", "test_wide_8_0"), "wide")]
+    with pytest.raises(UsageError, match="unknown poses"):
+        synth_clips.make_clip(0, 0, poses="huge")
 
 
 def _proc_stat(pid):
