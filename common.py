@@ -14,10 +14,12 @@ Not a box of the paper's figure: this is the machinery around it.
 * Training: `EMA` of the weights, the learning-rate schedule `lr_at`, `pick_device`, and the random draws that
   make a step the same on any number of processes and after any resume: `step_items` (a step's global batch of
   items and sample seeds) and `SampleRandom` (each sample's draws from its own seed).
-* Caches larger than memory: `NpyWriter` writes an .npy array piece by piece (read back memory-mapped).
+* Caches larger than memory: `NpyWriter` writes an .npy array piece by piece (read back memory-mapped);
+  `fix_mmap_threshold` keeps glibc's heap from fragmenting while they are built.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import math
@@ -346,6 +348,21 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float =
         return base_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def fix_mmap_threshold(size: int = 1 << 20) -> bool:
+    """Keep glibc's malloc from raising its mmap threshold: by default each freed large block raises it (up to
+    32 MB), after which a per-clip cache build's large buffers come from the heap and fragment it, so peak memory
+    grows with the number of clips (measured: the L2I latents of 40 clips peaked at 844 MB against 690 MB for 8;
+    with the threshold fixed at 1 MB, 561 against 546). Blocks above `size` are mapped and returned to the
+    system when freed. False where the C library has no mallopt (not glibc)."""
+    try:
+        return ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, size) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def pick_device(name: str = "auto") -> torch.device:

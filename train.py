@@ -46,8 +46,9 @@ import landmarks
 from a2l import A2L, A2LConfig, A2LWindows, compute_residual_std, predict_clips
 from cli import ArgumentParser, UsageError, float_flag, run_cli
 from clips import clip_frames, is_prepared
-from common import (EMA, TRAIN_FIELDS, SampleRandom, TrainConfig, atomic_write, load_checkpoint, lr_at, pick_device,
-                    save_checkpoint, save_png, step_items, to_tensor_image, to_uint8_image, weights_sha1)
+from common import (EMA, TRAIN_FIELDS, SampleRandom, TrainConfig, atomic_write, fix_mmap_threshold, load_checkpoint,
+                    lr_at, pick_device, save_checkpoint, save_png, step_items, to_tensor_image, to_uint8_image,
+                    weights_sha1)
 from dreamhead import load_model
 from l2i import L2I, L2IConfig, L2IFrames, L2ILatents, check_vae_matches
 from metrics import landmark_metrics, plot_opening, psnr
@@ -520,6 +521,7 @@ def train(args) -> str:
 def _train(args) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
+    fix_mmap_threshold()  # memory flat in the number of clips while the caches are built
     rank, world, device = setup_distributed(args.device)
     if rank == 0:
         remove_stale_temporaries(args.out)
