@@ -173,10 +173,10 @@ def contact_sheet(out, video=None, size=256, seed=7, cell_px=192):
 EXTREME_POSES = ((-25, 0, 0), (0, 0, 0), (25, 0, 0), (0, -15, 0), (0, 15, 0), (0, 0, -15), (0, 0, 15))
 
 
-def pose_sheet(out, identities=(0, 3, 17, 18), size=256, cell_px=128, poses=EXTREME_POSES):
+def pose_sheet(out, identities=(0, 17, 18), size=256, cell_px=112, poses=EXTREME_POSES):
     """Contact sheet of the wide poses' extremes: a row per identity, a column per (yaw, pitch, roll) of
     `poses` (a half-open mouth, the renderer for turning heads), the last column all three at once with a
-    10 % larger head."""
+    10 % larger head; each frame's middle 80 %, colours to 5 bits (a PNG under 300 kB)."""
     pose = np.zeros((len(poses) + 1, 6), np.float32)
     pose[:-1, :3] = poses
     pose[-1] = (25, -15, 15, 0, 0, 0.1)
@@ -184,9 +184,10 @@ def pose_sheet(out, identities=(0, 3, 17, 18), size=256, cell_px=128, poses=EXTR
     rows = []
     for identity in tqdm(identities, desc="poses", unit="identity"):
         frames, _ = render_clip(identity, art, np.zeros(len(pose), np.float32), pose, size)
-        rows.append(np.concatenate([cv2.resize(f, (cell_px, cell_px), interpolation=cv2.INTER_AREA)
-                                    for f in frames], 1))
-    save_png(out, np.concatenate(rows, 0))
+        margin = size // 10
+        rows.append(np.concatenate([cv2.resize(f[margin:-margin, margin:-margin], (cell_px, cell_px),
+                                               interpolation=cv2.INTER_AREA) for f in frames], 1))
+    save_png(out, np.concatenate(rows, 0) & 0xF8)
 
 
 def example(out="examples"):

@@ -6,7 +6,8 @@ a real portrait (skimage's astronaut, matplotlib's Grace Hopper) is warped piece
 mesh to the animated mesh (vectorised: triangle ids rasterised with cv2.fillPoly, one affine map per triangle,
 cv2.remap), with a dark mouth cavity and teeth inside the inner lips; the identities differ by face shape, skin
 tone, hair colour, background, base photo and mirroring (0-15 train, 16-19 test). The mesh's index sets come
-from `landmarks.py`. Landmarks are pixel coordinates (x, y) with z = MediaPipe z scaled like x.
+from `landmarks.py`. Landmarks are pixel coordinates (x, y) with z = MediaPipe z scaled like x. Wide head poses
+(`synth_speech.wide_pose_track`) are drawn by `render_clip`'s renderer for turning heads.
 """
 import functools
 import os
@@ -367,11 +368,14 @@ def paint_order(tex_points, tri, target_points, depth, facing=False):
     return order[np.argsort(layer[order], kind="stable")]
 
 
-def warp_frame(texture, tex_points, tri, target_points, depth, facing=False):
+def warp_frame(texture, tex_points, tri, target_points, depth, facing=False, blurred=None):
     """Render texture (H, W, 3) float32 so tex_points land on target_points (piecewise affine).
 
     Triangle ids are rasterised in `paint_order` with cv2.fillPoly, each pixel is mapped back to the
-    texture by its triangle's affine map, and cv2.remap samples it.
+    texture by its triangle's affine map, and cv2.remap samples it. blurred (a blurred texture): where a
+    triangle magnifies its texture more than 1.4x in some direction (the side of a face turned towards the
+    camera, seen edge-on in the photo), the render fades into that of `blurred` (fully from 2.8x), so the
+    photo's few pixels of ear, hair and cheek edge smear softly rather than into jagged streaks.
     """
     h, w = texture.shape[:2]
     ids = np.full((h, w), -1, np.int32)
@@ -385,7 +389,14 @@ def warp_frame(texture, tex_points, tri, target_points, depth, facing=False):
     A = affine[np.where(valid, ids, 0)]  # (H, W, 2, 3)
     map_x = np.where(valid, A[..., 0, 0] * xs + A[..., 0, 1] * ys + A[..., 0, 2], xs).astype(np.float32)
     map_y = np.where(valid, A[..., 1, 0] * xs + A[..., 1, 1] * ys + A[..., 1, 2], ys).astype(np.float32)
-    return cv2.remap(texture, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    image = cv2.remap(texture, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    if blurred is None:
+        return image
+    magnify = 1 / np.maximum(np.linalg.svd(affine[:, :, :2], compute_uv=False)[:, -1], 1e-6)  # (K,)
+    soft = np.where(valid, np.clip((magnify[np.where(valid, ids, 0)] - 1.4) / 1.4, 0, 1), 0).astype(np.float32)
+    soft = cv2.GaussianBlur(soft, (0, 0), h / 128)[..., None]
+    smooth = cv2.remap(blurred, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    return image * (1 - soft) + smooth * soft
 
 
 def draw_mouth(image, mesh_t, iod):
@@ -431,7 +442,8 @@ def render_clip(identity, art, blink, pose, size=256, turning=None):
     triangles turned away go under those facing the camera (`paint_order`), and the anchors around the face
     turn with the head in 3-D at the depth of the face's edge, partially (`_anchors`' follow), rather than
     following a 2-D similarity of the rigid points, which at large yaw stretches the far side's hair and skin
-    into streaks and folds the near side's."""
+    into streaks and folds the near side's; and where the near side's edge-on photo pixels are magnified,
+    the render softens (`warp_frame`'s blurred)."""
     T = len(art)
     if art.shape != (T, 2) or np.shape(blink) != (T,) or np.shape(pose) not in ((T, 5), (T, 6)):
         raise ValueError(f"render_clip expects art (T, 2), blink (T,), pose (T, 5) or (T, 6), got {art.shape}, "
@@ -448,12 +460,13 @@ def render_clip(identity, art, blink, pose, size=256, turning=None):
     far = np.full(len(anchors), float(neutral[:, 2].max()) + iod)
     anchors3 = np.concatenate([anchors, _anchor_depth(anchors, tex_mesh)[:, None]], 1)
     centre = neutral.mean(0)
+    blurred = cv2.GaussianBlur(texture, (0, 0), size / 128) if turning else None
     for t, mesh_t in enumerate(meshes):
         if turning:
             moved = anchors + follow[:, None] * (head_motion(anchors3, pose[t], centre, size)[:, :2] - anchors)
         else:
             moved = _anchor_targets(anchors, follow, mesh_t, neutral, size)
         target = np.concatenate([mesh_t[:, :2], moved])
-        image = warp_frame(texture, tex_points, tri, target, np.concatenate([mesh_t[:, 2], far]), turning)
+        image = warp_frame(texture, tex_points, tri, target, np.concatenate([mesh_t[:, 2], far]), turning, blurred)
         frames[t] = np.clip(draw_mouth(image, mesh_t, iod), 0, 255).astype(np.uint8)
     return frames, meshes
