@@ -104,6 +104,9 @@ def run_flags(p: argparse.ArgumentParser) -> None:
                      "split.")
     run.add_argument("--clips", type=int, default=64, help="Synthetic training clips to generate.")
     run.add_argument("--eval-clips", type=int, default=20, help="Synthetic held-out clips to generate.")
+    run.add_argument("--poses", default="small", choices=("small", "wide"), help="Head motion of the synthetic "
+                     "clips: small (at most 4 degrees, as the shipped models saw) or wide (yaw +-25, pitch and roll "
+                     "+-15 degrees, shifts and scale, like talking-head footage; synth_speech.wide_pose_track).")
     run.add_argument("--cache", default="cache", help="Folder for generated data, decoded frames and latents.")
     run.add_argument("--out", default=None, help="Run folder; by default runs/<stage>.")
     run.add_argument("--resume", action="store_true", help="Continue the run from <out>/ckpt.pt.")
@@ -167,12 +170,13 @@ def parse_args(argv=None):
 # Data shared by the stages
 # ----------------------------------------------------------------------------------------------------------
 
-def extra_identity_frames(identities: int, size: int, seed: int, cache: str, face_iod: float = 0.0) -> np.ndarray:
+def extra_identity_frames(identities: int, size: int, seed: int, cache: str, face_iod: float = 0.0,
+                          poses: str = "small") -> np.ndarray:
     """synth_clips.appearance_frames (12 stills of each of `identities` extra random identities), cached as .npy."""
-    framing = f"_iod{face_iod:g}" if face_iod else ""
+    framing = (f"_iod{face_iod:g}" if face_iod else "") + ("" if poses == "small" else f"_{poses}")
     path = os.path.join(cache, "frames", f"identities_{identities}_{size}_{seed}{framing}.npy")
     if not os.path.exists(path):
-        frames = appearance_frames(identities, 12, size, seed, face_iod=face_iod)
+        frames = appearance_frames(identities, 12, size, seed, face_iod=face_iod, poses=poses)
         atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), frames))
     return np.load(path)
 
@@ -187,7 +191,7 @@ class VAEStage:
     def __init__(self, args, device):
         self.args, self.config, self.device = args, args.config, device
         size = self.config.resolution
-        paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache)
+        paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses)
         stored = size * (2 if self.config.crop_scale < 1 else 1)
         frames, P = clip_frames(paths, stored, args.cache, self.config.face_iod)
         some = P[np.linspace(0, len(P) - 1, min(1000, len(P))).astype(int)] * (size / stored)
@@ -197,11 +201,11 @@ class VAEStage:
             for w in (self.config.mouth_weight, self.config.disc_mouth_weight))
         if self.config.extra_identities:  # read beside the clips' frames (FrameDataset), never copied into RAM
             frames = [frames, extra_identity_frames(self.config.extra_identities, stored, args.seed, args.cache,
-                                                    self.config.face_iod)]
+                                                    self.config.face_iod, args.poses)]
         self.train = FrameDataset(frames, hflip=self.config.hflip, colour_jitter=self.config.colour_jitter,
                                   natural_mix=self.config.natural_mix, seed=args.seed,
                                   crop_scale=self.config.crop_scale, size=size)
-        e_paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache)
+        e_paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache, poses=args.poses)
         e_frames, e_lmks = clip_frames(e_paths, size, args.cache, self.config.face_iod)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
         self.eval_x = to_tensor_image(np.asarray(e_frames[pick]))  # (E, 3, size, size)
@@ -291,10 +295,10 @@ class A2LStage:
     def __init__(self, args, device):
         self.args, self.config, self.device = args, args.config, device
         kw = dict(context_frames=self.config.context_frames, n_mels=self.config.n_mels)
-        self.train = A2LWindows(clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache),
+        self.train = A2LWindows(clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses),
                                 self.config.window, train=True, random_frame_p=self.config.pbar_frame_prob,
                                 cache=args.cache, **kw)
-        eval_paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache)
+        eval_paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache, poses=args.poses)
         self.eval = A2LWindows(eval_paths[:4], self.config.window, train=False, **kw)  # 4 clips: a quick check
         self.residual_std = compute_residual_std(self.train)
 
@@ -330,10 +334,10 @@ class L2IStage:
                   face_iod=cfg.face_iod)
         with open(self.vae_path(args), "rb") as f:
             vae_sha = hashlib.sha1(f.read()).hexdigest()  # the latents' cache is per VAE checkpoint
-        paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache)
+        paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses)
         self.train = L2ILatents.cached(paths, self.vae, vae_sha, args.cache, train=True,
                                        tau_both_sides=cfg.tau_both_sides, **kw)
-        paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache)[:4]
+        paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache, poses=args.poses)[:4]
         self.eval_frames = L2IFrames(paths, train=False, **kw)
         self.eval_latents = L2ILatents(self.eval_frames, self.vae)
         self.eval_idx = np.linspace(0, len(self.eval_frames) - 1, 16).astype(int).tolist()
