@@ -29,6 +29,11 @@ tau_max frames earlier (so its mouth differs):
 Cascade (`sample`, [Cascade]): dreamhead.DreamHead on held-out faces and sentences, as sample.py runs it;
 MediaPipe's mouth opening on the output video against the ground truth of the sentence, and seconds of compute
 per second of audio.
+
+`report`: the cascade and each stage as talking-head papers report them, in one JSON and one markdown table
+(docs/evaluation.md): PSNR and SSIM of face crops and mouth boxes, lip and full-face LMD after a similarity fit,
+mouth-opening correlation, jitter, AV offset, silence ratio and DreamHead-FID (fid.py; not comparable with
+Inception FID). `fid-net` trains the DreamHead-FID feature network (checkpoints/fid_tiny.pt).
 """
 from __future__ import annotations
 
@@ -304,7 +309,7 @@ def main_a2l(args) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 
 REPORT_COLUMNS = {"cascade": "cascade (photo + audio)", "a2l": "A2L", "vae": "VAE", "l2i": "L2I (true landmarks)",
-                  "ground_truth": "ground truth"}
+                  "real_frames": "real frames (MediaPipe)", "ground_truth": "ground truth"}
 REPORT_METRICS = {  # key: (label, decimals)
     "psnr_face": ("PSNR face crop (dB)", 2), "ssim_face": ("SSIM face crop", 3),
     "psnr_mouth": ("PSNR mouth box (dB)", 2), "ssim_mouth": ("SSIM mouth box", 3),
@@ -340,7 +345,7 @@ def sequence_row(pred: np.ndarray, truth: np.ndarray, envelope: np.ndarray | Non
     both in one space; with the speech envelope (T,) also the AV offset and the silence ratio."""
     lip, face, _ = fitted_errors(pred, truth)
     measured = opening_per_iod(pred)
-    row = {"lip_lmd_pct_iod": 100 * float(np.nanmean(lip)), "face_lmd_pct_iod": 100 * float(np.nanmean(face)),
+    row = {"lip_lmd_pct_iod": 100 * finite_mean(lip), "face_lmd_pct_iod": 100 * finite_mean(face),
            "opening_corr": nan_corr(measured, opening_per_iod(truth)), "jitter": canonical_jitter(pred),
            "detected": float(np.isfinite(pred).all(axis=(1, 2)).mean())}
     if envelope is not None:
@@ -348,6 +353,12 @@ def sequence_row(pred: np.ndarray, truth: np.ndarray, envelope: np.ndarray | Non
         row.update(av_offset_frames=lag, av_offset_abs_frames=abs(lag), av_corr=r,
                    silence_ratio=silence_ratio(measured, envelope, fps))
     return row
+
+
+def finite_mean(x: np.ndarray) -> float:
+    """The mean of the finite values (NaN when there is none)."""
+    x = np.asarray(x, np.float64)
+    return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
 
 
 def without_detection(row: dict) -> dict:
@@ -358,18 +369,17 @@ def without_detection(row: dict) -> dict:
 def mean_rows(rows: list[dict]) -> dict:
     """The mean of each measure over clips, leaving NaN out (NaN when every clip has NaN)."""
     keys = dict.fromkeys(k for r in rows for k in r)
-    values = {k: np.array([r.get(k, np.nan) for r in rows], np.float64) for k in keys}
-    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in values.items()}
+    return {k: finite_mean([r.get(k, np.nan) for r in rows]) for k in keys}
 
 
 def envelope_of(clip: dict, frames: int) -> np.ndarray:
     return speech_envelope(clip["audio"], clip["sample_rate"], frames, clip["fps"])
 
 
-def cascade_clip(model, clip: dict, folder: str, args) -> tuple[dict, np.ndarray, np.ndarray]:
+def cascade_clip(model, clip: dict, folder: str, args) -> tuple[dict, dict, np.ndarray, np.ndarray]:
     """One held-out clip through the cascade as sample.py runs it (its first frame as the photo, its sound):
-    (measures, output face crops, true face crops), the crops uint8 (T, S, S, 3) framed like L2I's. MediaPipe
-    reads the output frames; the truth is the clip's landmarks."""
+    (measures, the same landmark measures of MediaPipe on the real frames, output face crops, true face crops),
+    the crops uint8 (T, S, S, 3) framed like L2I's. The truth is the clip's landmarks."""
     start = time.time()
     face, wav = user_inputs(clip, folder)
     talk = model.generate(wav, face, steps=args.steps, guidance=args.guidance, seed=args.seed)
@@ -380,11 +390,13 @@ def cascade_clip(model, clip: dict, folder: str, args) -> tuple[dict, np.ndarray
     out_crops = landmarks.crop_faces(video[:T], talk.plan.boxes[talk.plan.source[:T]], model.size)
     H, W = clip["frame_size"]
     truth = clip["landmarks"][:T] * np.array([video.shape[2] / W, video.shape[1] / H, video.shape[2] / W])
-    detected = detect_landmarks(video[:T], detect_size=max(256, video.shape[2]), upscale=args.upscale)
-    row = {**image_row(out_crops, true_crops[:T], P_crop[:T]),
-           **sequence_row(detected, truth, envelope_of(clip, T), clip["fps"]),
+    detect_size, envelope = max(256, video.shape[2]), envelope_of(clip, T)
+    detected = detect_landmarks(video[:T], detect_size, args.upscale)
+    row = {**image_row(out_crops, true_crops[:T], P_crop[:T]), **sequence_row(detected, truth, envelope, clip["fps"]),
            "frames": T, "seconds_generate": seconds, "seconds_per_audio_second": seconds / talk.seconds}
-    return row, out_crops, true_crops[:T]
+    real_video = clips.read_frames(clip["video"], (video.shape[2], video.shape[1]))[:T]  # at the output's size
+    real = detect_landmarks(real_video, detect_size, args.upscale)
+    return row, sequence_row(real, truth, envelope, clip["fps"]), out_crops, true_crops[:T]
 
 
 def stage_a2l(path, loaded: list[dict], paths: list[str], args) -> dict:
@@ -424,12 +436,11 @@ def stage_l2i(l2i, vae, paths: list[str], net, args) -> dict:
     return {**image_row(gen, truth, r["P"]), **row, "fid": fid.fid(gen, truth, net), "frames": len(gen)}
 
 
-def halves_fid(crops: list[np.ndarray], net) -> float:
-    """DreamHead-FID of the true face crops of the even clips against the odd clips' (one clip: its halves), the
-    floor that two sets of real frames of these identities reach."""
-    if len(crops) == 1:
-        return fid.fid(crops[0][: len(crops[0]) // 2], crops[0][len(crops[0]) // 2:], net)
-    return fid.fid(np.concatenate(crops[0::2]), np.concatenate(crops[1::2]), net)
+def halves_fid(crops: np.ndarray, net, seed: int = 0) -> float:
+    """DreamHead-FID of the true face crops (N, S, S, 3) split at random into two halves: the floor that two sets
+    of real frames with the same identities reach (clips split by clip would compare other identity mixes)."""
+    order = np.random.default_rng(seed).permutation(len(crops))
+    return fid.fid(crops[order[: len(crops) // 2]], crops[order[len(crops) // 2:]], net)
 
 
 def markdown_table(report: dict) -> str:
@@ -465,11 +476,12 @@ def main_report(args) -> dict:
     voiced = [i for i, c in enumerate(loaded) if bool(c.get("has_audio", True))]
     if not voiced:
         raise UsageError(f"none of the {len(paths)} clips has sound; the report needs clips with audio")
-    rows, out_crops, true_crops = {}, [], []
+    rows, real_rows, out_crops, true_crops = {}, [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in tqdm(voiced, desc="cascade", unit="clip"):
-            row, out, truth = cascade_clip(model, loaded[i], tmp, args)
+            row, real, out, truth = cascade_clip(model, loaded[i], tmp, args)
             rows[os.path.basename(paths[i])] = row
+            real_rows.append(real)
             out_crops.append(out)
             true_crops.append(truth)
     cascade_seconds = time.time() - started
@@ -483,7 +495,8 @@ def main_report(args) -> dict:
     report["l2i"] = stage_l2i(cpu["l2i"], cpu["vae"], paths, net, args)
     truth_rows = [without_detection(sequence_row(c["landmarks"], c["landmarks"], envelope_of(c, len(c["landmarks"])),
                                                  c["fps"])) for c in (loaded[i] for i in voiced)]
-    report["ground_truth"] = {**mean_rows(truth_rows), "fid": halves_fid(true_crops, net)}
+    report["ground_truth"] = {**mean_rows(truth_rows), "fid": halves_fid(np.concatenate(true_crops), net)}
+    report["real_frames"] = mean_rows(real_rows)
     report["ground_truth_canonical"] = stage_a2l_rows["ground_truth_canonical"]
     report["per_clip"] = rows
     report["settings"] = {"clips": len(paths), "clips_with_sound": len(voiced), "data": args.data or "synthetic test",

@@ -114,7 +114,7 @@ def test_report_json_has_every_measure_finite_and_the_table_is_written(report):
     rows, table = report
     expected = {"cascade": IMAGE | SYNC, "a2l": SYNC - {"detected"}, "vae": IMAGE,
                 "ground_truth": SYNC - {"detected"} | {"fid"},
-                "l2i": IMAGE | {"detected"}}
+                "l2i": IMAGE | {"detected"}, "real_frames": SYNC}
     for column, keys in expected.items():
         missing = keys - set(rows[column])
         assert not missing, f"{column} lacks {missing}"
