@@ -37,7 +37,6 @@ Inception FID). `fid-net` trains the DreamHead-FID feature network (checkpoints/
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import tempfile
@@ -186,7 +185,7 @@ def print_rows(rows: dict) -> None:
 def main_vae(args) -> dict:
     vae = load_model(args.ckpt, "vae")
     size = vae.config.resolution
-    paths = clips_or_synthetic(args.data, "test", args.clips)
+    paths = clips_or_synthetic(args.data, "test", args.clips, poses=args.poses)
     frames, P = clips.clip_frames(paths, size, "cache", vae.config.face_iod)
     masks = np.stack([landmarks.mouth_mask(p, (size, size)) for p in P])
     opening = np.array([landmarks.mouth_opening(p) / landmarks.inter_ocular(p) for p in P])
@@ -197,7 +196,7 @@ def main_vae(args) -> dict:
 
 def main_l2i(args) -> dict:
     vae = load_model(args.vae, "vae")
-    rows, paths = {}, clips_or_synthetic(args.data, "test", args.clips)
+    rows, paths = {}, clips_or_synthetic(args.data, "test", args.clips, poses=args.poses)
     datasets, identities = {}, clip_identities(paths)[0]
     for name, path in _named(args.ckpt).items():
         model = load_model(path, "l2i")
@@ -235,7 +234,7 @@ def main_photo(args) -> dict:
     model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i, device="cpu")
     errors, repeat_errors, corrs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for path in clips_or_synthetic(args.data, "test", args.clips):
+        for path in clips_or_synthetic(args.data, "test", args.clips, poses=args.poses):
             clip = clips.load_clip(path)
             face, wav = user_inputs(clip, tmp)
             pred = model.generate(wav, face, steps=args.steps, seed=args.seed).landmarks  # (T, 478, 3) photo px
@@ -259,7 +258,7 @@ def main_sample(args) -> dict:
     model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i)  # CUDA when present, as sample.py
     share_cores(default_workers(model.device))  # and its render workers, as sample.py
     rows = {}
-    paths = clips_or_synthetic(args.data, "test", args.clips)[: args.videos]
+    paths = clips_or_synthetic(args.data, "test", args.clips, poses=args.poses)[: args.videos]
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             clip = clips.load_clip(path)
@@ -288,7 +287,7 @@ def main_a2l(args) -> dict:
     if args.regressor:
         models["regressor"] = load_model(args.regressor, "a2l")
     cfg = models["a2l"].config
-    paths = clips_or_synthetic(args.data, "test", args.clips)
+    paths = clips_or_synthetic(args.data, "test", args.clips, poses=args.poses)
     kw = dict(train=False, context_frames=cfg.context_frames, n_mels=cfg.n_mels)
     dataset = A2LWindows(paths, cfg.window, **kw)
     rows, results = evaluate_a2l(models, dataset, args.steps, args.seed)
@@ -323,12 +322,9 @@ REPORT_METRICS = {  # key: (label, decimals)
 
 
 def report_paths(args) -> list[str]:
-    """The held-out clips: --data's (its --split when clips.clip_paths takes one), else the synthetic test split;
-    at most --clips."""
-    if args.data is None:
-        return clips_or_synthetic(None, "test", args.clips)
-    split = {"split": args.split} if "split" in inspect.signature(clips.clip_paths).parameters else {}
-    return clips.clip_paths(args.data, **split)[:args.clips]
+    """The held-out clips: --data's (a prepared folder's test split), else the synthetic test split; at most
+    --clips."""
+    return clips_or_synthetic(args.data, "test", args.clips, poses=args.poses)[:args.clips]
 
 
 def image_row(gen: np.ndarray, truth: np.ndarray, P: np.ndarray) -> dict:
@@ -555,14 +551,16 @@ def parse_args(argv=None):
     f.add_argument("--json", default=None, help="Write the training record to this JSON file.")
     r = sub.add_parser("report", help="the cascade and each stage on held-out clips: PSNR, SSIM, LMD, sync, "
                        "jitter, silence, DreamHead-FID; JSON and a markdown table")
-    r.add_argument("--split", default=None, help="The split of a prepared --data folder (its manifest's), e.g. test.")
     r.add_argument("--every", type=int_flag(1), default=2, help="L2I alone renders every n-th frame.")
     r.add_argument("--fid-net", default="checkpoints/fid_tiny.pt", help="The DreamHead-FID feature network.")
     r.add_argument("--table", default=None, help="Write the markdown table to this file.")
     for stage in ("a2l", "vae", "l2i"):
         r.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
     for q in (a, v, i, s, o, r):
-        q.add_argument("--data", default=None, help="Folder of held-out clips; by default the synthetic test split.")
+        q.add_argument("--data", default=None, help="Folder of held-out clips (of a prepared folder, its test split); "
+                       "by default the synthetic test split.")
+        q.add_argument("--poses", default="small", choices=("small", "wide"), help="Head motion of the synthetic "
+                       "held-out clips: small (as the shipped models saw) or wide (the posed split).")
         q.add_argument("--clips", type=int_flag(1), default=20, help="Synthetic held-out clips.")
         q.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
     for q in (v, i, s, r):
