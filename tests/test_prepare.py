@@ -3,20 +3,28 @@
 The synthetic clips (25 fps, 128 px, 16 kHz mono) are re-encoded the way real videos come: 30 fps, 48 kHz stereo
 AAC, 176 x 128 with black bars, in mp4 / mov / mkv; one video cuts from one identity to another, one has no sound
 track, one is random bytes and one has no face. prepare.py must resample them back to the generator's 25 fps
-frames one for one and find the generator's landmarks in its face crops.
+frames one for one and find the generator's landmarks in its face crops. Then every stage trains on the prepared
+folder, and a run on it killed with SIGKILL at a random step and resumed ends with the uninterrupted run's weights.
 """
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import soundfile
+import torch
 
+import a2l
 import clips
 import landmarks
 import prepare
+import train
+from common import load_checkpoint
 from synth_clips import make_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,3 +211,73 @@ def test_a_camera_cut_keeps_the_person_and_a_long_loss_of_the_face_splits(prepar
     assert prepare.persons(filled, colour, pieces) == [1, 1, 1]
     colour[82:] += 0.3  # another face colour: another person
     assert prepare.persons(filled, colour, pieces) == [1, 1, 2]
+
+
+# ---- training on the prepared folder --------------------------------------------------------------------
+
+def common_args(prepared, tmp_path, stage, *extra):
+    return ["--stage", stage, "--data", str(prepared["out"]), "--cache", str(tmp_path / "cache"), "--log-every", "1",
+            "--eval-every", "2", "--save-every", "2", "--batch-size", "2", "--device", "cpu", *extra]
+
+
+VAE = ("--resolution", "32", "--base-channels", "8", "--norm-groups", "4", "--extra-identities", "0",
+       "--natural-mix", "0", "--face-iod", "0.4")
+A2L = ("--width", "32", "--pairs", "1", "--heads", "2", "--window", "8", "--overlap", "2", "--sample-steps", "2")
+
+
+def test_the_stages_read_the_manifest_split_and_the_stored_crops(prepared):
+    train_paths, test_paths = (clips.clip_paths(str(prepared["out"]), split) for split in ("train", "test"))
+    assert len(train_paths) == 4 and len(test_paths) == 1 and test_paths[0].endswith("sub_b_000.npz")
+    assert len(clips.clip_paths(str(prepared["out"]))) == len(prepared["manifest"]["clips"]) == 5
+    silent = [p for p in train_paths if clips.load_clip(p)["has_audio"] is False]
+    assert len(silent) == 1 and a2l.A2LWindows(train_paths, 8).clips.__len__() == 3  # A2L skips the silent clip
+    clip = clips.load_clip(train_paths[0])
+    crops, P = clips.decoded_clip(clip, 32, 0.4)  # the stored crops, resized: no video decoded
+    assert crops.shape == (len(clip["landmarks"]), 32, 32, 3) and P.shape == (len(crops), 478, 3)
+
+
+def test_every_stage_trains_on_a_prepared_folder(prepared, tmp_path):
+    vae = train.train(train.parse_args(common_args(prepared, tmp_path, "vae", *VAE, "--steps", "2",
+                                                   "--out", str(tmp_path / "vae"))))
+    a2l = train.train(train.parse_args(common_args(prepared, tmp_path, "a2l", *A2L, "--steps", "2",
+                                                   "--out", str(tmp_path / "a2l"))))
+    l2i = train.train(train.parse_args(common_args(prepared, tmp_path, "l2i", "--vae", vae, "--image-size", "32",
+                                                   "--latent-size", "8", "--face-iod", "0.4", "--sample-steps", "1",
+                                                   "--steps", "2", "--out", str(tmp_path / "l2i"))))
+    for path, stage, metric in ((vae, "vae", "psnr_mouth"), (a2l, "a2l", "lip_lmd_pct_iod"), (l2i, "l2i", "psnr_mouth")):
+        ckpt = load_checkpoint(path, stage)
+        evals = [h for h in ckpt["history"] if h["kind"] == "eval"]
+        assert ckpt["step"] == 2 and evals and metric in evals[-1], stage
+
+
+def test_a_run_killed_with_sigkill_and_resumed_ends_with_the_uninterrupted_weights(prepared, tmp_path):
+    """The kill lands at a random step (possibly inside a checkpoint's write); the resumed run starts from the
+    last complete checkpoint and must end bit for bit where the uninterrupted run ends."""
+    args = common_args(prepared, tmp_path, "a2l", *A2L, "--steps", "12", "--save-every", "1", "--eval-every", "100")
+    whole = load_checkpoint(train.train(train.parse_args(args + ["--out", str(tmp_path / "whole")])), "a2l")
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", *args, "--out", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kill_after = random.Random().randint(1, 10)  # a checkpoint per step: kill once this many were saved
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            if (run / "ckpt.pt").exists() and load_checkpoint(str(run / "ckpt.pt"), "a2l")["step"] >= kill_after:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before step {kill_after}: {proc.communicate()[1][-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    stopped = load_checkpoint(str(run / "ckpt.pt"), "a2l")["step"]
+    assert stopped < 12, "the kill came after the end"
+    resumed = load_checkpoint(train.train(train.parse_args(args + ["--out", str(run), "--resume"])), "a2l")
+    assert resumed["step"] == 12
+    for key in ("model", "ema"):
+        assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key]), key
+    a, b = whole["optimizer"]["state"], resumed["optimizer"]["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[p][k], b[p][k]) for p in a for k in a[p])
+    losses = lambda ckpt: [h["loss"] for h in ckpt["history"] if h["kind"] == "train"]
+    assert losses(resumed) == losses(whole)
