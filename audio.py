@@ -17,7 +17,6 @@ import math
 import os
 import re
 import subprocess
-import tempfile
 
 import imageio_ffmpeg
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from scipy.signal import resample_poly
 
 from cli import UsageError
+from common import piped, stderr_text
 
 SAMPLE_RATE = 16000          # Hz, audio rate of every feature below
 FPS = 25                     # video frames per second
@@ -299,21 +299,12 @@ def _read_file(path: str, rate: int, channels: int | None):
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", path, "-map", "0:a:0", "-vn", "-f", "f32le",
            "-acodec", "pcm_f32le", "-ar", str(rate), "-ac", str(channels), "-"]
     frame_bytes = 4 * channels
-    with tempfile.TemporaryFile() as log:  # a file, not a pipe: ffmpeg cannot block on a full stderr
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
-        try:
-            while chunk := proc.stdout.read(RAW_BLOCK * frame_bytes):
-                whole = len(chunk) // frame_bytes * frame_bytes
-                yield np.frombuffer(chunk[:whole], np.float32).reshape(-1, channels)  # (n, channels)
-            if proc.wait() != 0:
-                log.seek(0)
-                error = log.read().decode(errors="replace").strip()
-                raise UsageError(f"cannot read audio file {path}: {error[-200:] or 'ffmpeg failed'}")
-        finally:  # also when the reader stops early
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
+    with piped(cmd) as (proc, log):
+        while chunk := proc.stdout.read(RAW_BLOCK * frame_bytes):
+            whole = len(chunk) // frame_bytes * frame_bytes
+            yield np.frombuffer(chunk[:whole], np.float32).reshape(-1, channels)  # (n, channels)
+        if proc.wait() != 0:
+            raise UsageError(f"cannot read audio file {path}: {stderr_text(log)[-200:] or 'ffmpeg failed'}")
 
 
 def frames_for_duration(num_samples: int, sample_rate: int = SAMPLE_RATE, fps: int = FPS) -> int:

@@ -2,7 +2,7 @@
 
 Not a box of the paper's figure: this is the machinery around it.
 
-* Files and images: `atomic_write` (a temporary file beside the target, renamed into place, so a crash never
+* Files and images: `piped` (a decoder's output read as it comes), `atomic_write` (a temporary file beside the target, renamed into place, so a crash never
   leaves a truncated output), `check_writable`, `save_png`, and the uint8 <-> [-1, 1] tensor conversions
   `to_tensor_image` / `to_uint8_image`.
 * Configs: `option` (a dataclass field with its `--help` sentence), `Config` (named presets and dict round
@@ -19,11 +19,13 @@ Not a box of the paper's figure: this is the machinery around it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
 import math
 import os
+import subprocess
 import tempfile
 from typing import ClassVar
 
@@ -74,6 +76,28 @@ def atomic_write(path: str, write_fn) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def piped(cmd: list[str]):
+    """Run cmd (an ffmpeg decoder) with its stdout as a pipe to read and its stderr in a temporary file (a file,
+    not a pipe: the child cannot block on a full stderr): yields (process, stderr file). Leaving the block kills
+    a child the reader stopped reading early, and reaps it."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
+        try:
+            yield proc, log
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+
+
+def stderr_text(log) -> str:
+    """What a `piped` child wrote to its stderr file."""
+    log.seek(0)
+    return log.read().decode(errors="replace").strip()
 
 
 class NpyWriter:

@@ -35,7 +35,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 import cv2
@@ -47,7 +46,7 @@ from tqdm import tqdm
 import landmarks
 from cli import ArgumentParser, UsageError, float_flag, int_flag, odd_window, process_pool, run_cli
 from clips import FPS, SAMPLE_RATE, Mp4Writer, ffmpeg_exe
-from common import atomic_write
+from common import atomic_write, piped, stderr_text
 
 VERSION = 1
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
@@ -95,24 +94,16 @@ def decode(path: str, w: int, h: int, chunk: int = CHUNK):
     cmd = [ffmpeg_exe(), "-loglevel", "error", "-i", path, "-map", "0:v:0", "-vf", f"fps={FPS},crop={w}:{h}:0:0",
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     size, total = w * h * 3, 0
-    with tempfile.TemporaryFile() as log:  # a file, not a pipe: ffmpeg cannot block on a full stderr
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
-        try:
-            while data := proc.stdout.read(size * chunk):
-                n = len(data) // size
-                total += n
-                if n:
-                    yield np.frombuffer(data[:n * size], np.uint8).reshape(n, h, w, 3)  # (n, H, W, 3)
-            proc.wait()
-            if total == 0:
-                log.seek(0)
-                error = log.read().decode(errors="replace").strip().splitlines()
-                raise Skip(f"no frames decoded ({error[-1][-150:] if error else 'empty video'})")
-        finally:  # also when the reader stops early
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
+    with piped(cmd) as (proc, log):
+        while data := proc.stdout.read(size * chunk):
+            n = len(data) // size
+            total += n
+            if n:
+                yield np.frombuffer(data[:n * size], np.uint8).reshape(n, h, w, 3)  # (n, H, W, 3)
+        proc.wait()
+        if total == 0:
+            error = stderr_text(log).splitlines()
+            raise Skip(f"no frames decoded ({error[-1][-150:] if error else 'empty video'})")
 
 
 def read_sound(path: str) -> np.ndarray:
