@@ -50,9 +50,12 @@ def run_cli(main) -> None:
     """Run a CLI entry point: a UsageError, or an out-of-space / file-size write error, becomes one line on stderr
     and exit code 2; Ctrl-C or SIGTERM (outside a training loop, which saves a checkpoint itself) one line and
     exit code 130."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous, ending = signal.signal(signal.SIGTERM, _terminate), False
     try:
         main()
+    except SystemExit as stop:  # train.py's own exit after saving the checkpoint a signal asked for
+        ending = stop.code == 130
+        raise
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -62,10 +65,14 @@ def run_cli(main) -> None:
         print(f"error: {disk_error(err.filename or 'the output', err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        ending = True
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # a process ending on a signal ignores repeats of it while it shuts down (torchrun forwards the
+        # signal its workers got already), so that it still exits with 130 rather than being killed by the repeat
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if ending else previous)
+        if ending:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ArgumentParser(argparse.ArgumentParser):
