@@ -2,9 +2,9 @@
 
 Not a box of the paper's figure: this is the machinery around it.
 
-* Files and images: `piped` (a decoder's output read as it comes), `atomic_write` (a temporary file beside the target, renamed into place, so a crash never
-  leaves a truncated output), `check_writable`, `save_png`, and the uint8 <-> [-1, 1] tensor conversions
-  `to_tensor_image` / `to_uint8_image`.
+* Files and images: `piped` (a decoder's output read as it comes), `atomic_write` (a temporary file beside the
+  target, renamed into place, so a crash never leaves a truncated output), `check_writable`, `save_png`, and the
+  uint8 <-> [-1, 1] tensor conversions `to_tensor_image` / `to_uint8_image`.
 * Configs: `option` (a dataclass field with its `--help` sentence), `Config` (named presets and dict round
   trips shared by `VAEConfig`, `A2LConfig` and `L2IConfig`) and `TrainConfig`, the one block of training
   settings every stage config carries (`config.train`), so every checkpoint records how it was trained.

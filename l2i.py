@@ -592,6 +592,7 @@ class L2ILatents(torch.utils.data.Dataset):
         z = self.latents[c]  # (T, 3, C, h, w)
         j = self.frames.reference_index(i, len(z), gen)
         mouth = torch.from_numpy(_box_mask(self.frames.clips[c]["boxes"][i], self.frames.size))
+        # copies: a view would carry the whole memory-mapped clip into a DataLoader worker's shared memory
         out = {"z0": z[i, 0].clone(), "mask": z[i, 1].clone(), "ref": z[j, 0].clone(), "ref_lmk": z[j, 2].clone(),
                "lmk": z[i, 2].clone(), "mouth": mouth, "clip": c, "frame": i, "ref_frame": j}
         return out if seed is None else {**out, "seed": seed}

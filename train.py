@@ -170,6 +170,18 @@ def parse_args(argv=None):
 # Data shared by the stages
 # ----------------------------------------------------------------------------------------------------------
 
+def train_clips(args) -> list[str]:
+    """The training clips: --data's (a prepared folder's train split), or the synthetic training split."""
+    return clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses)
+
+
+def eval_clips(args) -> list[str]:
+    """The held-out clips: --eval-data's, or the test split of a prepared --data folder, or the synthetic test
+    split."""
+    folder = args.eval_data or (args.data if is_prepared(args.data) else None)
+    return clips_or_synthetic(folder, "test", args.eval_clips, args.seed, args.cache, poses=args.poses)
+
+
 def extra_identity_frames(identities: int, size: int, seed: int, cache: str, face_iod: float = 0.0,
                           poses: str = "small") -> np.ndarray:
     """synth_clips.appearance_frames (12 stills of each of `identities` extra random identities), cached as .npy."""
@@ -191,7 +203,7 @@ class VAEStage:
     def __init__(self, args, device):
         self.args, self.config, self.device = args, args.config, device
         size = self.config.resolution
-        paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses)
+        paths = train_clips(args)
         stored = size * (2 if self.config.crop_scale < 1 else 1)
         frames, P = clip_frames(paths, stored, args.cache, self.config.face_iod)
         some = P[np.linspace(0, len(P) - 1, min(1000, len(P))).astype(int)] * (size / stored)
@@ -205,7 +217,7 @@ class VAEStage:
         self.train = FrameDataset(frames, hflip=self.config.hflip, colour_jitter=self.config.colour_jitter,
                                   natural_mix=self.config.natural_mix, seed=args.seed,
                                   crop_scale=self.config.crop_scale, size=size)
-        e_paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache, poses=args.poses)
+        e_paths = eval_clips(args)
         e_frames, e_lmks = clip_frames(e_paths, size, args.cache, self.config.face_iod)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)
         self.eval_x = to_tensor_image(np.asarray(e_frames[pick]))  # (E, 3, size, size)
@@ -295,10 +307,9 @@ class A2LStage:
     def __init__(self, args, device):
         self.args, self.config, self.device = args, args.config, device
         kw = dict(context_frames=self.config.context_frames, n_mels=self.config.n_mels)
-        self.train = A2LWindows(clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses),
-                                self.config.window, train=True, random_frame_p=self.config.pbar_frame_prob,
-                                cache=args.cache, **kw)
-        eval_paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache, poses=args.poses)
+        self.train = A2LWindows(train_clips(args), self.config.window, train=True,
+                                random_frame_p=self.config.pbar_frame_prob, cache=args.cache, **kw)
+        eval_paths = eval_clips(args)
         self.eval = A2LWindows(eval_paths[:4], self.config.window, train=False, **kw)  # 4 clips: a quick check
         self.residual_std = compute_residual_std(self.train)
 
@@ -334,10 +345,10 @@ class L2IStage:
                   face_iod=cfg.face_iod)
         with open(self.vae_path(args), "rb") as f:
             vae_sha = hashlib.sha1(f.read()).hexdigest()  # the latents' cache is per VAE checkpoint
-        paths = clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses)
+        paths = train_clips(args)
         self.train = L2ILatents.cached(paths, self.vae, vae_sha, args.cache, train=True,
                                        tau_both_sides=cfg.tau_both_sides, **kw)
-        paths = clips_or_synthetic(eval_folder(args), "test", args.eval_clips, args.seed, args.cache, poses=args.poses)[:4]
+        paths = eval_clips(args)[:4]
         self.eval_frames = L2IFrames(paths, train=False, **kw)
         self.eval_latents = L2ILatents(self.eval_frames, self.vae)
         self.eval_idx = np.linspace(0, len(self.eval_frames) - 1, 16).astype(int).tolist()
@@ -482,11 +493,6 @@ def batches(dataset, settings: TrainConfig, args, start: int, rank: int, world: 
                                          num_workers=workers, pin_memory=device.type == "cuda")
     for batch in loader:
         yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def eval_folder(args) -> str | None:
-    """--eval-data, or the test split of a prepared --data folder, or None (the synthetic test split)."""
-    return args.eval_data or (args.data if is_prepared(args.data) else None)
 
 
 def global_mean(values: list[float], device: torch.device) -> float:

@@ -244,7 +244,8 @@ def test_every_stage_trains_on_a_prepared_folder(prepared, tmp_path):
     l2i = train.train(train.parse_args(common_args(prepared, tmp_path, "l2i", "--vae", vae, "--image-size", "32",
                                                    "--latent-size", "8", "--face-iod", "0.4", "--sample-steps", "1",
                                                    "--steps", "2", "--out", str(tmp_path / "l2i"))))
-    for path, stage, metric in ((vae, "vae", "psnr_mouth"), (a2l, "a2l", "lip_lmd_pct_iod"), (l2i, "l2i", "psnr_mouth")):
+    runs = ((vae, "vae", "psnr_mouth"), (a2l, "a2l", "lip_lmd_pct_iod"), (l2i, "l2i", "psnr_mouth"))
+    for path, stage, metric in runs:
         ckpt = load_checkpoint(path, stage)
         evals = [h for h in ckpt["history"] if h["kind"] == "eval"]
         assert ckpt["step"] == 2 and evals and metric in evals[-1], stage

@@ -149,8 +149,8 @@ def test_resume_after_ctrl_c_mid_step_is_exactly_the_uninterrupted_run(clip_dirs
 
 def test_dataloader_workers_read_the_same_batches_as_the_main_process(clip_dirs, tmp_path, vae_4_steps):
     """Two worker processes collate the items (each a function of its index and seed) in their own processes."""
-    ckpt = load_checkpoint(train.train(train.parse_args(run_args(clip_dirs, tmp_path, *EXACT, "--loader-workers", "2"))),
-                           "vae")
+    args = run_args(clip_dirs, tmp_path, *EXACT, "--loader-workers", "2")
+    ckpt = load_checkpoint(train.train(train.parse_args(args)), "vae")
     assert_same_weights(ckpt, vae_4_steps)
 
 
