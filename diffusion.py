@@ -285,13 +285,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C) -> (B, N, C). context (B, M, C): extra tokens that x attends to besides itself (keys and
+        values from the same projection, as ReferenceNet-style "reference attention" does); they are not updated."""
         if x.dim() != 3:
             raise ValueError(f"SelfAttention expects (B, N, C), got {tuple(x.shape)}")
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, h, C/h)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, N, C/h)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, C/h)
+        tokens = x if context is None else torch.cat([x, context], dim=1)  # (B, N+M, C)
+        qkv = self.qkv(tokens).reshape(B, tokens.shape[1], 3, self.heads, C // self.heads)  # (B, N+M, 3, h, C/h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, N+M, C/h)
+        out = F.scaled_dot_product_attention(q[:, :, :N], k, v)  # (B, h, N, C/h)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
 
 

@@ -18,6 +18,10 @@ two readings, switched by `L2IConfig.conditioning` (guess; docs/paper.md):
   Convolutions run per slot (slots folded into the batch); every self-attention layer sees the tokens of all
   slots of a sample at once, so the (not pixel-aligned) canonical landmarks and the photos meet through attention.
   Only slot0's output is the eps prediction.
+- "ref_attn" (reference attention, as ReferenceNet-style renderers do): a separate condition encoder, run once per
+  sample and not on z_t, turns E(I_ref), E(I^P_ref), E(I^P_i) into feature maps at every attention resolution;
+  the denoiser runs on concat_c(z_t, E(I_mask)) alone, and each of its self-attention layers takes the condition
+  tokens as extra keys and values beside its own. The landmarks still meet the frame only in self-attention.
 - "channel" (ablation, DiffTalk-like): one input concat_c(z_t, E(I_mask), E(I_ref), E(I^P_ref), E(I^P_i)).
 
 `use_reference=False` drops the reference pair (ablation "without the reference pair"). Classifier-free guidance
@@ -51,6 +55,7 @@ from common import Config, SampleRandom, TrainConfig, atomic_write, option, to_t
 COND_KEYS = ("mask", "ref", "ref_lmk", "lmk")  # condition latents, in slot order
 REFERENCE_KEYS = ("ref", "ref_lmk")  # the reference pair (dropped by use_reference=False)
 LANDMARK_KEYS = ("ref_lmk", "lmk")  # dropped together for classifier-free guidance
+CONDITIONINGS = ("joint_attn", "ref_attn", "channel")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +72,9 @@ class L2IConfig(Config):
     latent_size: int = option(16, "Side of the VAE latents.")
     # conditioning (the figure's condition images; how they enter the UNet is our guess)
     conditioning: str = option("joint_attn", "How the conditions meet z_t: joint_attn (every latent a slot of one "
-                               "self-attention, the paper's reading) or channel (concatenated, the ablation).")
+                               "self-attention, the paper's reading), ref_attn (a condition encoder whose tokens "
+                               "join the keys and values of the frame's self-attention, as ReferenceNet-style "
+                               "renderers do) or channel (concatenated, the ablation).")
     use_reference: bool = option(True, "The reference pair I_ref, I^P_ref is used; false is the ablation without it.")
     tau_min: int = option(1, "Smallest reference offset |tau| in frames during training.")
     tau_max: int = option(25, "Largest reference offset |tau| in frames during training; a far reference shows "
@@ -114,8 +121,8 @@ class L2IConfig(Config):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.conditioning not in ("joint_attn", "channel"):
-            raise ValueError(f"conditioning must be 'joint_attn' or 'channel', got {self.conditioning!r}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         if self.latent_size % 2 ** (len(self.channels) - 1):
             raise ValueError(f"latent_size {self.latent_size} is not divisible by 2^{len(self.channels) - 1}")
         for ch in self.channels:
@@ -178,32 +185,89 @@ class ResBlock(nn.Module):
 class SlotAttention(nn.Module):
     """Self-attention over all slots of a sample: (B*S, C, h, w) -> tokens (B, S*h*w, C) -> back.
 
-    With S = 1 this is ordinary spatial self-attention (channel mode)."""
+    With S = 1 this is ordinary spatial self-attention (channel mode). context (B, K, C, h, w), in ref_attn mode:
+    condition feature maps whose tokens are extra keys and values; they get their own norm and the same position
+    embedding as the frame, so a frame token finds "the same place" in every condition at initialisation."""
 
-    def __init__(self, ch: int, heads: int, groups: int, res: int, pos_emb: bool):
+    def __init__(self, ch: int, heads: int, groups: int, res: int, pos_emb: bool, context: bool = False):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch)
+        self.norm_context = nn.GroupNorm(groups, ch) if context else None
         self.attn = diffusion.SelfAttention(ch, heads)
         self.pos = nn.Parameter(torch.zeros(1, ch, res, res)) if pos_emb else None
         self.prune_after = False  # set by LatentUNet on the last attention layer: later layers need slot 0 only
 
-    def forward(self, x: torch.Tensor, n_slots: int) -> torch.Tensor:
-        BS, C, h, w = x.shape
-        B = BS // n_slots
-        hn = self.norm(x)
+    def _tokens(self, x: torch.Tensor, norm: nn.GroupNorm, n: int) -> torch.Tensor:
+        """(B*n, C, h, w) -> normed, position-embedded tokens (B, n*h*w, C)."""
+        BN, C, h, w = x.shape
+        hn = norm(x)
         if self.pos is not None:
             hn = hn + self.pos
-        tokens = hn.view(B, n_slots, C, h * w).permute(0, 1, 3, 2).reshape(B, n_slots * h * w, C)  # (B, S*h*w, C)
-        out = self.attn(tokens)  # (B, S*h*w, C)
+        return hn.view(BN // n, n, C, h * w).permute(0, 1, 3, 2).reshape(BN // n, n * h * w, C)  # (B, n*h*w, C)
+
+    def forward(self, x: torch.Tensor, n_slots: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        BS, C, h, w = x.shape
+        B = BS // n_slots
+        tokens = self._tokens(x, self.norm, n_slots)  # (B, S*h*w, C)
+        if context is not None:
+            if self.norm_context is None or context.shape[0] != B or context.shape[2:] != (C, h, w):
+                raise ValueError(f"context must be ({B}, K, {C}, {h}, {w}) for a ref_attn layer, "
+                                 f"got {tuple(context.shape)}")
+            context = self._tokens(context.flatten(0, 1), self.norm_context, context.shape[1])  # (B, K*h*w, C)
+        out = self.attn(tokens, context)  # (B, S*h*w, C)
         out = out.view(B, n_slots, h * w, C).permute(0, 1, 3, 2).reshape(BS, C, h, w)  # (B*S, C, h, w)
         return x + out
+
+
+class ConditionEncoder(nn.Module):
+    """ref_attn's condition encoder: the K condition latents (ref, ref_lmk, lmk) -> feature maps at every level of
+    the denoiser's down path, {side: (B, K, ch, side, side)}. One set of weights for all K, told apart by a learned
+    per-condition embedding (in place of the timestep embedding: the conditions are not noisy), so at sampling it
+    runs once per video and frame, not once per denoising step."""
+
+    def __init__(self, cfg: L2IConfig, keys: tuple):
+        super().__init__()
+        self.keys = keys
+        ch0, emb_dim = cfg.channels[0], 4 * cfg.channels[0]
+        self.key_emb = nn.Parameter(torch.randn(len(keys), emb_dim) * 0.02)  # (K, D)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch0, 3, padding=1)
+        self.levels, self.downsamples, ch = nn.ModuleList(), nn.ModuleList(), ch0
+        for level, out_ch in enumerate(cfg.channels):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout))
+                ch = out_ch
+            self.levels.append(blocks)
+            if level < len(cfg.channels) - 1:
+                self.downsamples.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+
+    def encode(self, x: torch.Tensor, k: int) -> list:
+        """One condition latent (N, C, s, s), condition index k -> its feature map per level."""
+        emb = self.key_emb[k].expand(len(x), -1)  # (N, D)
+        h, feats = self.conv_in(x), []
+        for level, blocks in enumerate(self.levels):
+            for block in blocks:
+                h = block(h, emb)
+            feats.append(h)
+            if level < len(self.downsamples):
+                h = self.downsamples[level](h)
+        return feats
+
+    def forward(self, cond: dict, batch: int) -> dict:
+        """cond {key: (1 or batch, C, s, s)} -> {side: (batch, K, ch, side, side)}; batch-1 conditions (a video's
+        reference) are encoded once and broadcast."""
+        per_key = [self.encode(cond[key], k) for k, key in enumerate(self.keys)]  # K lists of level maps
+        levels = zip(*per_key)  # per level: K maps (1 or batch, ch, side, side)
+        stacked = [torch.stack([f.expand(batch, *f.shape[1:]) for f in fs], dim=1) for fs in levels]
+        return {f.shape[-1]: f for f in stacked}  # (batch, K, ch, side, side) per side
 
 
 class LatentUNet(nn.Module):
     """[L2I: eps_theta]: a latent UNet with ResBlocks, skips and self-attention at low resolutions.
 
     forward(z_t (B, 4, h, w), t (B,) or int, cond {key: (B or 1, 4, h, w)}) -> eps_hat (B, 4, h, w).
-    Condition latents with batch 1 are broadcast over the B frames with `expand` (no copy)."""
+    Condition latents with batch 1 are broadcast over the B frames with `expand` (no copy). In ref_attn mode
+    `context` = condition_context(cond, B) may be passed in, computed once for all denoising steps."""
 
     def __init__(self, cfg: L2IConfig):
         super().__init__()
@@ -211,8 +275,9 @@ class LatentUNet(nn.Module):
         C = cfg.latent_channels
         self.cond_keys = cfg.cond_keys
         self.joint = cfg.conditioning == "joint_attn"
+        self.reference_attention = cfg.conditioning == "ref_attn"
         self.n_slots = len(self.cond_keys) if self.joint else 1  # mask shares slot 0 with z_t
-        in_ch = 2 * C if self.joint else C * (1 + len(self.cond_keys))
+        in_ch = C * (1 + len(self.cond_keys)) if cfg.conditioning == "channel" else 2 * C
         ch0, groups = cfg.channels[0], cfg.norm_groups
         emb_dim = 4 * ch0
         self.time_embed = diffusion.TimestepEmbedder(emb_dim)
@@ -224,7 +289,9 @@ class LatentUNet(nn.Module):
             return ResBlock(i, o, emb_dim, groups, cfg.dropout)
 
         def attn(ch, res):
-            return SlotAttention(ch, cfg.heads, groups, res, cfg.attn_pos_emb)
+            return SlotAttention(ch, cfg.heads, groups, res, cfg.attn_pos_emb, context=self.reference_attention)
+
+        self.cond_encoder = ConditionEncoder(cfg, self.cond_keys[1:]) if self.reference_attention else None
 
         res, ch = cfg.latent_size, ch0
         self.down_levels, self.downsamples, skip_chs = nn.ModuleList(), nn.ModuleList(), []
@@ -279,6 +346,8 @@ class LatentUNet(nn.Module):
         """Stack z_t and the condition latents into the UNet input: (B*S, 2C, h, w) or (B, C*(1+K), h, w)."""
         B = z_t.shape[0]
         c = self.expand_cond(cond, B)
+        if self.reference_attention:
+            return torch.cat([z_t, c["mask"]], dim=1)  # (B, 2C, h, w); the rest comes in as context
         if not self.joint:
             return torch.cat([z_t, *(c[k] for k in self.cond_keys)], dim=1)  # (B, C*(1+K), h, w)
         zeros = torch.zeros_like(z_t)
@@ -286,42 +355,52 @@ class LatentUNet(nn.Module):
         x = torch.stack(slots, dim=1)  # (B, S, 2C, h, w)
         return x.flatten(0, 1)  # (B*S, 2C, h, w)
 
-    def forward(self, z_t: torch.Tensor, t, cond: dict) -> torch.Tensor:
+    def condition_context(self, cond: dict, batch: int) -> dict | None:
+        """ref_attn: the condition encoder's feature maps {side: (batch, K, ch, side, side)}; None in other modes."""
+        if not self.reference_attention:
+            return None
+        self.expand_cond(cond, batch)  # shape checks
+        return self.cond_encoder(cond, batch)
+
+    def forward(self, z_t: torch.Tensor, t, cond: dict, context: dict | None = None) -> torch.Tensor:
         C, s = self.config.latent_channels, self.config.latent_size
         if z_t.dim() != 4 or z_t.shape[1:] != (C, s, s):
             raise ValueError(f"z_t must be (B, {C}, {s}, {s}), got {tuple(z_t.shape)}")
         B, S = z_t.shape[0], self.n_slots
         t = torch.as_tensor(t, device=z_t.device).long().expand(B)  # (B,)
         x = self._inputs(z_t, cond)
+        if context is None:
+            context = self.condition_context(cond, B)
         emb = (self.time_embed(t)[:, None] + self.slot_emb[None]).flatten(0, 1)  # (B*S, D)
         h = self.conv_in(x)  # (B*S, ch0, h, w)
         h = (h.view(B, S, *h.shape[1:]) + self.slot_in[None]).flatten(0, 1)  # (B*S, ch0, h, w)
         skips = []
         for level, blocks in enumerate(self.down_levels):
-            h, _, _ = self._run(blocks, h, emb, S)
+            h, _, _ = self._run(blocks, h, emb, S, context)
             skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)
-        h, emb, n_slots = self._run(self.mid, h, emb, S)  # n_slots drops to 1 after the last attention layer
+        h, emb, n_slots = self._run(self.mid, h, emb, S, context)  # n_slots drops to 1 after the last attention layer
         for i, blocks in enumerate(self.up_levels):
             skip = skips.pop()
             if n_slots != S:
                 skip = _slot0(skip, S)
             h = torch.cat([h, skip], dim=1)
-            h, emb, n_slots = self._run(blocks, h, emb, n_slots)
+            h, emb, n_slots = self._run(blocks, h, emb, n_slots, context)
             if i < len(self.upsamples):
                 h = self.upsamples[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         eps = self.conv_out(F.silu(self.norm_out(h)))
         return eps if n_slots == 1 else _slot0(eps, n_slots)  # (B, C, h, w)
 
     @staticmethod
-    def _run(blocks, h, emb, n_slots):
-        """Apply ResBlocks / SlotAttentions in order; after the layer marked prune_after keep slot 0 only."""
+    def _run(blocks, h, emb, n_slots, context=None):
+        """Apply ResBlocks / SlotAttentions in order (ref_attn: with the context at their side); after the layer
+        marked prune_after keep slot 0 only."""
         for block in blocks:
             if isinstance(block, ResBlock):
                 h = block(h, emb)
                 continue
-            h = block(h, n_slots)
+            h = block(h, n_slots, None if context is None else context[h.shape[-1]])
             if block.prune_after and n_slots > 1:
                 h, emb, n_slots = _slot0(h, n_slots), _slot0(emb, n_slots), 1
         return h, emb, n_slots
@@ -411,12 +490,14 @@ class L2I(nn.Module):
             z_T = torch.randn((B, C, s, s), generator=generator, device=noise_device)
         z = z_T.to(device).expand(B, C, s, s).contiguous()  # (B, C, h, w)
         uncond = self.null_condition(cond) if guidance != 1.0 else None
+        context = self.unet.condition_context(cond, B)  # ref_attn: the conditions' features, once for all steps
+        uncond_context = None if uncond is None else self.unet.condition_context(uncond, B)
         self.scheduler.set_timesteps(steps)
         for t in tqdm(self.scheduler.timesteps.tolist(), desc="L2I DDIM", disable=not progress, leave=False):
             t_batch = torch.full((B,), t, dtype=torch.long, device=device)
-            eps = self.unet(z, t_batch, cond)
+            eps = self.unet(z, t_batch, cond, context)
             if uncond is not None:
-                eps = diffusion.cfg_combine(eps, self.unet(z, t_batch, uncond), guidance)
+                eps = diffusion.cfg_combine(eps, self.unet(z, t_batch, uncond, uncond_context), guidance)
             z, _ = self.scheduler.step(eps, t, z, eta=eta, generator=generator)
         return z
 

@@ -43,7 +43,7 @@ def eps_of(model, z, t, cond):
         return model.unet(z, t, cond)
 
 
-MODES = [("joint_attn", True), ("joint_attn", False), ("channel", True), ("channel", False)]
+MODES = [(mode, ref) for mode in l2i.CONDITIONINGS for ref in (True, False)]
 
 
 def test_tiny_preset_shapes_and_channel_counts():
@@ -85,7 +85,7 @@ def test_missing_condition_and_bad_shape_raise():
         l2i.L2IConfig.preset("huge")
 
 
-@pytest.mark.parametrize("conditioning", ["joint_attn", "channel"])
+@pytest.mark.parametrize("conditioning", l2i.CONDITIONINGS)
 def test_landmark_input_changes_target_output(conditioning):
     model = make_model(conditioning=conditioning)
     z, cond = torch.randn(2, 4, S, S), make_cond(2)
@@ -98,11 +98,40 @@ def test_landmark_input_changes_target_output(conditioning):
 def test_joint_attn_slots_meet_only_in_attention(monkeypatch):
     """With attention disabled the landmark slot cannot reach slot 0: convs really act per slot."""
     model = make_model()
-    monkeypatch.setattr(l2i.SlotAttention, "forward", lambda self, x, n_slots: x)
+    monkeypatch.setattr(l2i.SlotAttention, "forward", lambda self, x, n_slots, context=None: x)
     z, cond = torch.randn(2, 4, S, S), make_cond(2)
     base = eps_of(model, z, 300, cond)
     changed = eps_of(model, z, 300, dict(cond, lmk=cond["lmk"] + 1.0))
     torch.testing.assert_close(changed, base)
+
+
+def test_ref_attn_conditions_meet_the_frame_only_in_attention(monkeypatch):
+    """ref_attn: with the context taken out of every attention layer, no condition but the mask reaches eps."""
+    model = make_model(conditioning="ref_attn")
+    z, cond = torch.randn(2, 4, S, S), make_cond(2)
+    real_forward = l2i.SlotAttention.forward
+    monkeypatch.setattr(l2i.SlotAttention, "forward", lambda self, x, n_slots, context=None: real_forward(self, x, 1))
+    base = eps_of(model, z, 300, cond)
+    for key in ("lmk", "ref", "ref_lmk"):
+        torch.testing.assert_close(eps_of(model, z, 300, dict(cond, **{key: cond[key] + 1.0})), base)
+    assert (eps_of(model, z, 300, dict(cond, mask=cond["mask"] + 1.0)) - base).abs().max() > 1e-4
+
+
+def test_ref_attn_context_computed_once_matches_per_step():
+    """Sampling encodes the conditions once for all steps; passing that context equals recomputing it, and a
+    video's batch-1 reference is encoded once and broadcast (a view)."""
+    model = make_model(conditioning="ref_attn")
+    z, cond = torch.randn(3, 4, S, S), make_cond(3)
+    cond.update(ref=cond["ref"][:1], ref_lmk=cond["ref_lmk"][:1])
+    encoder, batches = model.unet.cond_encoder, []
+    real_encode = encoder.encode
+    encoder.encode = lambda x, k: batches.append(len(x)) or real_encode(x, k)
+    with torch.no_grad():
+        context = model.unet.condition_context(cond, 3)
+        torch.testing.assert_close(model.unet(z, 500, cond, context), eps_of(model, z, 500, cond))
+    assert batches[:3] == [1, 1, 3]  # ref, ref_lmk once per video, lmk per frame
+    assert set(context) == {S, S // 2} and context[S].shape == (3, 3, 16, S, S)
+    torch.testing.assert_close(context[S][:, 0], context[S][:1, 0].expand(3, 16, S, S))
 
 
 def test_dropping_other_slots_after_last_attention_is_exact():
@@ -132,7 +161,7 @@ def test_samples_do_not_mix_across_batch():
     assert (out[2] - base[2]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("conditioning", ["joint_attn", "channel"])
+@pytest.mark.parametrize("conditioning", l2i.CONDITIONINGS)
 def test_batch1_reference_broadcast_matches_repeat(conditioning):
     model = make_model(conditioning=conditioning)
     z, cond = torch.randn(3, 4, S, S), make_cond(3)
@@ -187,7 +216,7 @@ def test_mouth_weight_changes_loss_only_when_not_one():
     assert torch.isfinite(weighted) and not torch.isclose(plain, weighted)
 
 
-@pytest.mark.parametrize("conditioning", ["joint_attn", "channel"])
+@pytest.mark.parametrize("conditioning", l2i.CONDITIONINGS)
 def test_loss_decreases_when_overfitting(conditioning):
     """One fixed batch with fixed noise and timesteps (same seed every step): the loss must fall."""
     torch.manual_seed(0)
