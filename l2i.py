@@ -18,10 +18,9 @@ two readings, switched by `L2IConfig.conditioning` (guess; docs/paper.md):
   Convolutions run per slot (slots folded into the batch); every self-attention layer sees the tokens of all
   slots of a sample at once, so the (not pixel-aligned) canonical landmarks and the photos meet through attention.
   Only slot0's output is the eps prediction.
-- "ref_attn" (reference attention, as ReferenceNet-style renderers do): a separate condition encoder, run once per
-  sample and not on z_t, turns E(I_ref), E(I^P_ref), E(I^P_i) into feature maps at every attention resolution;
-  the denoiser runs on concat_c(z_t, E(I_mask)) alone, and each of its self-attention layers takes the condition
-  tokens as extra keys and values beside its own. The landmarks still meet the frame only in self-attention.
+- "ref_attn" (reference attention, as ReferenceNet-style renderers do): a condition encoder turns E(I_ref),
+  E(I^P_ref), E(I^P_i) into feature maps whose tokens join the keys and values of every self-attention layer of a
+  denoiser that runs on concat_c(z_t, E(I_mask)) alone. The landmarks still meet the frame only in self-attention.
 - "channel" (ablation, DiffTalk-like): one input concat_c(z_t, E(I_mask), E(I_ref), E(I^P_ref), E(I^P_i)).
 
 `use_reference=False` drops the reference pair (ablation "without the reference pair"). Classifier-free guidance
@@ -186,8 +185,8 @@ class SlotAttention(nn.Module):
     """Self-attention over all slots of a sample: (B*S, C, h, w) -> tokens (B, S*h*w, C) -> back.
 
     With S = 1 this is ordinary spatial self-attention (channel mode). context (B, K, C, h, w), in ref_attn mode:
-    condition feature maps whose tokens are extra keys and values; they get their own norm and the same position
-    embedding as the frame, so a frame token finds "the same place" in every condition at initialisation."""
+    condition feature maps whose tokens are extra keys and values, with their own norm and the frame's position
+    embedding."""
 
     def __init__(self, ch: int, heads: int, groups: int, res: int, pos_emb: bool, context: bool = False):
         super().__init__()
@@ -209,10 +208,7 @@ class SlotAttention(nn.Module):
         BS, C, h, w = x.shape
         B = BS // n_slots
         tokens = self._tokens(x, self.norm, n_slots)  # (B, S*h*w, C)
-        if context is not None:
-            if self.norm_context is None or context.shape[0] != B or context.shape[2:] != (C, h, w):
-                raise ValueError(f"context must be ({B}, K, {C}, {h}, {w}) for a ref_attn layer, "
-                                 f"got {tuple(context.shape)}")
+        if context is not None:  # (B, K, C, h, w) from ConditionEncoder
             context = self._tokens(context.flatten(0, 1), self.norm_context, context.shape[1])  # (B, K*h*w, C)
         out = self.attn(tokens, context)  # (B, S*h*w, C)
         out = out.view(B, n_slots, h * w, C).permute(0, 1, 3, 2).reshape(BS, C, h, w)  # (B*S, C, h, w)
@@ -221,9 +217,8 @@ class SlotAttention(nn.Module):
 
 class ConditionEncoder(nn.Module):
     """ref_attn's condition encoder: the K condition latents (ref, ref_lmk, lmk) -> feature maps at every level of
-    the denoiser's down path, {side: (B, K, ch, side, side)}. One set of weights for all K, told apart by a learned
-    per-condition embedding (in place of the timestep embedding: the conditions are not noisy), so at sampling it
-    runs once per video and frame, not once per denoising step."""
+    the denoiser's down path. One set of weights for all K, told apart by a learned embedding in place of the
+    timestep's (the conditions are not noisy), so sampling runs it once per frame, not once per denoising step."""
 
     def __init__(self, cfg: L2IConfig, keys: tuple):
         super().__init__()
@@ -243,8 +238,7 @@ class ConditionEncoder(nn.Module):
 
     def encode(self, x: torch.Tensor, k: int) -> list:
         """One condition latent (N, C, s, s), condition index k -> its feature map per level."""
-        emb = self.key_emb[k].expand(len(x), -1)  # (N, D)
-        h, feats = self.conv_in(x), []
+        emb, h, feats = self.key_emb[k].expand(len(x), -1), self.conv_in(x), []  # emb (N, D)
         for level, blocks in enumerate(self.levels):
             for block in blocks:
                 h = block(h, emb)
@@ -257,8 +251,7 @@ class ConditionEncoder(nn.Module):
         """cond {key: (1 or batch, C, s, s)} -> {side: (batch, K, ch, side, side)}; batch-1 conditions (a video's
         reference) are encoded once and broadcast."""
         per_key = [self.encode(cond[key], k) for k, key in enumerate(self.keys)]  # K lists of level maps
-        levels = zip(*per_key)  # per level: K maps (1 or batch, ch, side, side)
-        stacked = [torch.stack([f.expand(batch, *f.shape[1:]) for f in fs], dim=1) for fs in levels]
+        stacked = [torch.stack([f.expand(batch, *f.shape[1:]) for f in fs], dim=1) for fs in zip(*per_key)]
         return {f.shape[-1]: f for f in stacked}  # (batch, K, ch, side, side) per side
 
 
@@ -357,10 +350,9 @@ class LatentUNet(nn.Module):
 
     def condition_context(self, cond: dict, batch: int) -> dict | None:
         """ref_attn: the condition encoder's feature maps {side: (batch, K, ch, side, side)}; None in other modes."""
-        if not self.reference_attention:
-            return None
-        self.expand_cond(cond, batch)  # shape checks
-        return self.cond_encoder(cond, batch)
+        if self.reference_attention and self.expand_cond(cond, batch):  # expand_cond checks the shapes
+            return self.cond_encoder(cond, batch)
+        return None
 
     def forward(self, z_t: torch.Tensor, t, cond: dict, context: dict | None = None) -> torch.Tensor:
         C, s = self.config.latent_channels, self.config.latent_size
@@ -369,8 +361,7 @@ class LatentUNet(nn.Module):
         B, S = z_t.shape[0], self.n_slots
         t = torch.as_tensor(t, device=z_t.device).long().expand(B)  # (B,)
         x = self._inputs(z_t, cond)
-        if context is None:
-            context = self.condition_context(cond, B)
+        context = self.condition_context(cond, B) if context is None else context
         emb = (self.time_embed(t)[:, None] + self.slot_emb[None]).flatten(0, 1)  # (B*S, D)
         h = self.conv_in(x)  # (B*S, ch0, h, w)
         h = (h.view(B, S, *h.shape[1:]) + self.slot_in[None]).flatten(0, 1)  # (B*S, ch0, h, w)
