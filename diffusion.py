@@ -291,10 +291,14 @@ class SelfAttention(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"SelfAttention expects (B, N, C), got {tuple(x.shape)}")
         B, N, C = x.shape
-        tokens = x if context is None else torch.cat([x, context], dim=1)  # (B, N+M, C)
-        qkv = self.qkv(tokens).reshape(B, tokens.shape[1], 3, self.heads, C // self.heads)  # (B, N+M, 3, h, C/h)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, N+M, C/h)
-        out = F.scaled_dot_product_attention(q[:, :, :N], k, v)  # (B, h, N, C/h)
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, h, C/h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, N, C/h)
+        if context is not None:  # keys and values only: the context tokens ask no queries
+            M = context.shape[1]
+            kv = F.linear(context, self.qkv.weight[C:], self.qkv.bias[C:])  # (B, M, 2C)
+            kc, vc = kv.reshape(B, M, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, M, C/h) each
+            k, v = torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2)  # (B, h, N+M, C/h)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, C/h)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
 
 

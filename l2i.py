@@ -34,6 +34,7 @@ inside a feathered mouth mask, so everything outside the mouth keeps the source 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -215,30 +216,42 @@ class SlotAttention(nn.Module):
         return x + out
 
 
+def down_path(cfg: L2IConfig, res_block, attn=None) -> tuple:
+    """The UNet's down path: per level num_res_blocks res_block(in, out), each followed by attn(ch, side) at the
+    attention resolutions if given, a stride-2 conv between levels -> (levels, downsamples, channels per level)."""
+    res, ch = cfg.latent_size, cfg.channels[0]
+    levels, downsamples, level_chs = nn.ModuleList(), nn.ModuleList(), []
+    for level, out_ch in enumerate(cfg.channels):
+        blocks = nn.ModuleList()
+        for _ in range(cfg.num_res_blocks):
+            blocks.append(res_block(ch, out_ch))
+            ch = out_ch
+            if attn is not None and res in cfg.attn_resolutions:
+                blocks.append(attn(ch, res))
+        levels.append(blocks)
+        level_chs.append(ch)
+        if level < len(cfg.channels) - 1:
+            downsamples.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+            res //= 2
+    return levels, downsamples, level_chs
+
+
 class ConditionEncoder(nn.Module):
     """ref_attn's condition encoder: the K condition latents (ref, ref_lmk, lmk) -> feature maps at every level of
     the denoiser's down path. One set of weights for all K, told apart by a learned embedding in place of the
     timestep's (the conditions are not noisy), so sampling runs it once per frame, not once per denoising step."""
 
-    def __init__(self, cfg: L2IConfig, keys: tuple):
+    def __init__(self, cfg: L2IConfig, keys: tuple, res_block, emb_dim: int):
         super().__init__()
         self.keys = keys
-        ch0, emb_dim = cfg.channels[0], 4 * cfg.channels[0]
         self.key_emb = nn.Parameter(torch.randn(len(keys), emb_dim) * 0.02)  # (K, D)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch0, 3, padding=1)
-        self.levels, self.downsamples, ch = nn.ModuleList(), nn.ModuleList(), ch0
-        for level, out_ch in enumerate(cfg.channels):
-            blocks = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout))
-                ch = out_ch
-            self.levels.append(blocks)
-            if level < len(cfg.channels) - 1:
-                self.downsamples.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.conv_in = nn.Conv2d(cfg.latent_channels, cfg.channels[0], 3, padding=1)
+        self.levels, self.downsamples, _ = down_path(cfg, res_block)  # the denoiser's ResBlocks, no attention
 
     def encode(self, x: torch.Tensor, k: int) -> list:
         """One condition latent (N, C, s, s), condition index k -> its feature map per level."""
-        emb, h, feats = self.key_emb[k].expand(len(x), -1), self.conv_in(x), []  # emb (N, D)
+        emb = self.key_emb[k].expand(len(x), -1)  # (N, D)
+        h, feats = self.conv_in(x), []
         for level, blocks in enumerate(self.levels):
             for block in blocks:
                 h = block(h, emb)
@@ -271,35 +284,21 @@ class LatentUNet(nn.Module):
         self.reference_attention = cfg.conditioning == "ref_attn"
         self.n_slots = len(self.cond_keys) if self.joint else 1  # mask shares slot 0 with z_t
         in_ch = C * (1 + len(self.cond_keys)) if cfg.conditioning == "channel" else 2 * C
-        ch0, groups = cfg.channels[0], cfg.norm_groups
-        emb_dim = 4 * ch0
+        ch0, groups, emb_dim = cfg.channels[0], cfg.norm_groups, 4 * cfg.channels[0]
         self.time_embed = diffusion.TimestepEmbedder(emb_dim)
         self.slot_emb = nn.Parameter(torch.randn(self.n_slots, emb_dim) * 0.02)  # added to the t-embedding
         self.slot_in = nn.Parameter(torch.randn(self.n_slots, ch0, 1, 1) * 0.02)  # added to the input features
         self.conv_in = nn.Conv2d(in_ch, ch0, 3, padding=1)
 
-        def res_block(i, o):
-            return ResBlock(i, o, emb_dim, groups, cfg.dropout)
-
+        res_block = functools.partial(ResBlock, emb_dim=emb_dim, groups=groups, dropout=cfg.dropout)  # (in, out)
         def attn(ch, res):
             return SlotAttention(ch, cfg.heads, groups, res, cfg.attn_pos_emb, context=self.reference_attention)
 
-        self.cond_encoder = ConditionEncoder(cfg, self.cond_keys[1:]) if self.reference_attention else None
+        self.cond_encoder = (ConditionEncoder(cfg, self.cond_keys[1:], res_block, emb_dim)
+                             if self.reference_attention else None)
 
-        res, ch = cfg.latent_size, ch0
-        self.down_levels, self.downsamples, skip_chs = nn.ModuleList(), nn.ModuleList(), []
-        for level, out_ch in enumerate(cfg.channels):
-            blocks = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(res_block(ch, out_ch))
-                ch = out_ch
-                if res in cfg.attn_resolutions:
-                    blocks.append(attn(ch, res))
-            self.down_levels.append(blocks)
-            skip_chs.append(ch)
-            if level < len(cfg.channels) - 1:
-                self.downsamples.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-                res //= 2
+        self.down_levels, self.downsamples, skip_chs = down_path(cfg, res_block, attn)
+        res, ch = cfg.latent_size // 2 ** (len(cfg.channels) - 1), skip_chs[-1]
         self.mid = nn.ModuleList([res_block(ch, ch), attn(ch, res), res_block(ch, ch)])
         self.up_levels, self.upsamples = nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(len(cfg.channels))):
@@ -350,9 +349,10 @@ class LatentUNet(nn.Module):
 
     def condition_context(self, cond: dict, batch: int) -> dict | None:
         """ref_attn: the condition encoder's feature maps {side: (batch, K, ch, side, side)}; None in other modes."""
-        if self.reference_attention and self.expand_cond(cond, batch):  # expand_cond checks the shapes
-            return self.cond_encoder(cond, batch)
-        return None
+        if not self.reference_attention:
+            return None
+        self.expand_cond(cond, batch)  # shape checks
+        return self.cond_encoder(cond, batch)
 
     def forward(self, z_t: torch.Tensor, t, cond: dict, context: dict | None = None) -> torch.Tensor:
         C, s = self.config.latent_channels, self.config.latent_size
