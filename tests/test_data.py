@@ -112,11 +112,21 @@ def _digest(array):
 
 
 def test_small_poses_give_the_clips_of_before_wide_poses(short_clip):
-    """poses "small" (the default) must keep every clip bit for bit: the shipped models and the documented numbers
-    were made with them. Digests of the clip's frames and landmarks from the generator before wide poses."""
+    """poses "small" (the default) must keep every clip as it was: the shipped models and the documented numbers
+    were made with them. The landmarks' digest is the generator's before wide poses; the frames are compared with
+    tests/data/synth_reference.npz (block means of this clip's frames, and appearance_frames(2, 3, 32, seed=0)),
+    within rounding: the rendered pixels depend on the CPU's SIMD paths (OpenCV, numpy), and an AVX2 and an
+    AVX-512 machine differ by at most 2 grey levels in a few pixels (the earlier frame digests, recorded on one
+    of them, failed on the other)."""
     clip = short_clip[0]
-    assert (_digest(clip["frames"]), _digest(clip["landmarks"])) == ("754c94b59436cefc", "ce21a9ee88939620")
-    assert _digest(synth_clips.appearance_frames(2, 3, 32, seed=0, progress=False)) == "67df6bf0c54f56d6"
+    assert _digest(clip["landmarks"]) == "ce21a9ee88939620"
+    reference = np.load(os.path.join(ROOT, "tests", "data", "synth_reference.npz"))
+    frames = clip["frames"]
+    blocks = frames.reshape(len(frames), 16, 8, 16, 8, 3).astype(np.float32).mean(axis=(2, 4))  # (T, 16, 16, 3)
+    assert np.abs(blocks - reference["clip_blocks"].astype(np.float32)).max() < 0.5
+    appearance = synth_clips.appearance_frames(2, 3, 32, seed=0, progress=False).astype(np.int16)
+    diff = np.abs(appearance - reference["appearance"])
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01
     art, blink = np.zeros((2, 2), np.float32), np.zeros(2, np.float32)
     pose = np.array([[3, -2, 1, 0.01, -0.01]] * 2, np.float32)
     small = synth_face.render_clip(3, art, blink, pose, 64)
