@@ -20,6 +20,9 @@ iterative denoising, dense frontal landmarks. Everything else here is our guess 
 - Classifier-free guidance on audio (audio dropout in training, `guidance` scale at sampling).
 - `objective="regression"`: the same network as a deterministic regressor (x_t = 0, t = 0), the paper's
   diffusion-vs-regression ablation.
+- P̄ from one photo: P̄ passes through its neutral face (`neutral.NeutralFace`, fitted on the training clips) in
+  training and sampling alike, so the open mouth or smile of the one photo sample.py gets is not taken for the
+  subject's rest pose.
 - Long audio: sliding windows of length l with overlap; overlap frames are replaced at every denoising step by
   the previous result noised to the current level (inpainting by replacement), and copied exactly at the end.
 
@@ -42,12 +45,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import augment
 import clips
 import diffusion
 import landmarks
 from audio import FPS, MEL_PER_FRAME, MelContext, padded_log_mel, prepare_wave, unfold_context
 from cli import UsageError
 from common import Config, SampleRandom, TrainConfig, atomic_write, option, train_settings
+from neutral import NeutralFace
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,8 +92,35 @@ class A2LConfig(Config):
     pbar_frame_prob: float = option(0.0, "Probability that a training window's P̄ is one random frame of its clip "
                                     "instead of the identity's mean mesh, so A2L learns to start from the single "
                                     "photo sample.py gets, whose mouth may be open (our choice; 0 is off).")
+    # training-audio augmentation (augment.py; our addition, off by default): probability per training window
+    aug_all: float = option(0.0, "Every aug probability below is at least this, so 0.3 turns them all on at once "
+                            "(our convenience preset; 0 is off).")
+    aug_gain: float = option(0.0, "Probability of a -40 to +20 dB level change stored as 16-bit samples and clipped "
+                             "to [-1, 1] (volume perturbation, Ko et al. 2015).")
+    aug_noise: float = option(0.0, "Probability of white, pink or synthetic babble noise at 0-20 dB SNR (MUSAN-style "
+                              "noise augmentation, Snyder et al. 2018, x-vectors).")
+    aug_reverb: float = option(0.0, "Probability of reverberation by a synthetic room impulse response, decaying noise "
+                               "of RT60 0.2-0.8 s (Ko et al. 2017, reverberant speech).")
+    aug_telephone: float = option(0.0, "Probability of a telephone line: 8 kHz, 300-3400 Hz and 8-bit mu-law (ITU-T "
+                                  "G.711 telephone practice).")
+    aug_codec: float = option(0.0, "Probability of low-bitrate codec damage, a 3-7 kHz lowpass and 4-8 bit mu-law "
+                              "(after ITU-T G.711 and G.722).")
+    aug_speed: float = option(0.0, "Probability of a 0.9-1.1x speed change, the landmarks resampled in time with it "
+                              "(speed perturbation, Ko et al. 2015).")
+    aug_pitch: float = option(0.0, "Probability of a pitch shift of up to 2 semitones that keeps the timing "
+                              "(granular overlap-add; pitch-shift augmentation, Schlueter and Grill 2015).")
+    aug_silence: float = option(0.0, "Probability of lengthening a pause by 2-40 silent frames that hold a silent "
+                                "closed-mouth frame (our choice, for real recordings' pauses and lead-in silence).")
+    aug_breath: float = option(0.0, "Probability of breathing-like noise 20-35 dB under the speech in a pause of 8 "
+                               "or more silent closed-mouth frames, the mouth staying closed (our choice).")
+    neutral_modes: int = option(6, "Articulation modes removed from P̄ to get the neutral face of one photo "
+                                "(neutral.NeutralFace: a linear identity + articulation model as in 3D morphable "
+                                "models, fitted on the training clips; our addition); 0 is off.")
+    neutral_noise: float = option(1e-4, "Variance (IOD^2) of the face detail no training identity spans, in the "
+                                  "neutral face's identity prior.")
     train: TrainConfig = train_settings()
 
+    LEGACY = {"neutral_modes": 0}  # checkpoints from before neutral.py were trained without a neutral face
     PRESETS = {
         "tiny": dict(train=dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01, warmup=50, steps=10_000,
                                 batch_size=16, ema_decay=0.999, grad_clip=1.0)),  # CPU minutes
@@ -106,6 +138,10 @@ class A2LConfig(Config):
     def n_coords(self) -> int:
         return self.n_points * 3
 
+    def augmentation(self) -> augment.Settings:
+        """The aug_* probabilities (each at least aug_all) for A2LWindows."""
+        return augment.Settings(**{name: max(getattr(self, "aug_" + name), self.aug_all) for name in augment.NAMES})
+
     def __post_init__(self):
         super().__post_init__()
         if self.objective not in ("diffusion", "regression"):
@@ -116,6 +152,9 @@ class A2LConfig(Config):
             raise ValueError(f"overlap must be in [0, window), got overlap={self.overlap} window={self.window}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        for name in ("all", *augment.NAMES):
+            if not 0 <= getattr(self, "aug_" + name) <= 1:
+                raise ValueError(f"aug_{name} is a probability in [0, 1], got {getattr(self, 'aug_' + name)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,6 +267,8 @@ class A2L(nn.Module):
                                                   beta_schedule=c.beta_schedule, prediction_type=c.prediction_type,
                                                   timestep_spacing=c.timestep_spacing)
         self.register_buffer("residual_std", torch.ones(K3))       # (1434,), set from data
+        # P̄ -> its neutral face, fitted on the training data (off: P̄ as given)
+        self.neutral = NeutralFace(K3, c.neutral_modes, c.neutral_noise) if c.neutral_modes else nn.Identity()
         weights = torch.ones(c.n_points, 3)
         weights[landmarks.LIPS[landmarks.LIPS < c.n_points]] = c.lip_weight
         self.register_buffer("coord_weights", weights.reshape(K3), persistent=False)   # (1434,)
@@ -306,6 +347,7 @@ class A2L(nn.Module):
         if tuple(p_bar.shape) != (P.shape[0], c.n_points, 3):
             raise ValueError(f"p_bar must be (B, {c.n_points}, 3), got {tuple(p_bar.shape)}")
         B = P.shape[0]
+        p_bar = self.neutral(p_bar)                                  # (B, 478, 3): as sampling sees it
         rng = SampleRandom(batch["seed"], device) if "seed" in batch else SampleRandom.fresh(B, device)
         x0 = self.normalise(P, p_bar)                                # (B, L, 1434)
         if c.objective == "diffusion":
@@ -368,7 +410,7 @@ class A2L(nn.Module):
             raise ValueError(f"p_bar must be (B={B}, {c.n_points}, 3), got {tuple(p_bar.shape)}")
         if prefix is not None and (prefix.ndim != 4 or prefix.shape[0] != B or prefix.shape[1] > L):
             raise ValueError(f"prefix must be (B={B}, K<={L}, {c.n_points}, 3), got {tuple(prefix.shape)}")
-        p_bar = p_bar.reshape(B, c.n_points, 3)                       # (B, 478, 3)
+        p_bar = self.neutral(p_bar.reshape(B, c.n_points, 3))         # (B, 478, 3), its neutral face
         p_flat = p_bar.reshape(B, -1)                                 # (B, 1434)
         if c.objective == "regression":
             zeros_t = torch.zeros(B, dtype=torch.long, device=device)
@@ -470,16 +512,22 @@ class A2LWindows(torch.utils.data.Dataset):
     a random frame of the clip as P̄ (A2LConfig.pbar_frame_prob), both drawn from the seed, which the item
     carries on to the loss. Eval items are plain indices of fixed windows tiling each clip, the last one shifted
     to its end. Items: dict(landmarks (L, 478, 3), p_bar (478, 3), mel_ctx (L, C, 80)[, seed]).
+    With `augmentation` (augment.Settings) a train item whose seed fires an augmentation hears its window's augmented
+    audio (augment.augment_window, from the clip's stored wave; its own generator of the seed) and gets the
+    landmarks that go with it; the other items, and every eval item, are as without.
     """
 
     def __init__(self, npz_paths, window: int, train: bool = True, context_frames: int = 2, n_mels: int = 80,
-                 p_bar: str = "identity", random_frame_p: float = 0.0, cache: str | None = None):
+                 p_bar: str = "identity", random_frame_p: float = 0.0, cache: str | None = None,
+                 augmentation: augment.Settings | None = None):
         if p_bar not in ("identity", "first_frame"):
             raise ValueError(f"p_bar must be 'identity' or 'first_frame', got {p_bar!r}")
         npz_paths = list(npz_paths)
-        self.window, self.train, self.context_frames = window, train, context_frames
+        self.window, self.train, self.context_frames, self.n_mels = window, train, context_frames, n_mels
         self.p_bar_mode, self.random_frame_p = p_bar, random_frame_p
-        self.clips = []  # dicts: P (T, 478, 3) canonical float32, mel (4T + 8k, 80) padded log-mel, identity, sums
+        self.augment = augmentation if train and augmentation is not None and augmentation.active else None
+        self.clips = []  # dicts: P (T, 478, 3) canonical float32, mel (4T + 8k, 80) padded log-mel, wave (S,) the
+        #                  16 kHz audio it was made from, rest (T,) silent closed-mouth frames, identity, sums
         for path in tqdm(npz_paths, desc="A2L clips", leave=False, disable=len(npz_paths) < 8):
             clip = _cached_clip(str(path), context_frames, n_mels, cache)
             if clip is None:
@@ -528,16 +576,26 @@ class A2LWindows(torch.utils.data.Dataset):
             k, start = self.items[item]
         clip = self.clips[k]
         end = start + self.window
-        mel_ctx = unfold_context(clip["mel"][MEL_PER_FRAME * start:MEL_PER_FRAME * (end + 2 * self.context_frames)],
-                                 self.context_frames)                  # (L, C, 80)
+        heard = self._augmented(clip, start, seed) if self.augment is not None else None
+        P, mel = heard or (clip["P"][start:end].clone(),
+                           clip["mel"][MEL_PER_FRAME * start:MEL_PER_FRAME * (end + 2 * self.context_frames)])
+        mel_ctx = unfold_context(mel, self.context_frames)            # (L, C, 80)
         p_bar = clip["p_bar"]
         if self.train and self.random_frame_p > 0 and float(torch.rand((), generator=gen)) < self.random_frame_p:
             p_bar = clip["P"][int(torch.randint(0, clip["P"].shape[0], (), generator=gen))]  # one frame, a photo's
-        return {"landmarks": clip["P"][start:end].clone(), "p_bar": p_bar.clone(), "mel_ctx": mel_ctx, **extra}
+        return {"landmarks": P, "p_bar": p_bar.clone(), "mel_ctx": mel_ctx, **extra}
+
+    def _augmented(self, clip: dict, start: int, seed: int):
+        """(landmarks (L, 478, 3), padded log-mel rows (4 (L + 2k), 80)) of the window at `start` as `augment` makes
+        them for this seed (from a generator of its own: the item's other draws stay as they were), or None."""
+        out = augment.augment_window(clip["wave"].numpy(), clip["P"].numpy(), clip["rest"], start, self.window,
+                                     self.context_frames, self.augment, np.random.default_rng([seed, 1]), self.n_mels)
+        return None if out is None else (torch.from_numpy(out[0]), out[1])  # the audio out[2] is not needed
 
 
 def _features(path: str, context_frames: int, n_mels: int) -> dict | None:
-    """Canonical landmarks (T, 478, 3) and padded log-mel of one clip; None for a clip without sound."""
+    """Canonical landmarks (T, 478, 3), padded log-mel, 16 kHz wave and rest frames (`_rest_frames`) of one clip;
+    None for a clip without sound."""
     clip = clips.load_clip(path)
     if not clip["has_audio"]:
         return None
@@ -548,7 +606,19 @@ def _features(path: str, context_frames: int, n_mels: int) -> dict | None:
     audio = clip["audio"]
     wave = prepare_wave(audio.reshape(audio.shape[0], -1), clip["sample_rate"], source=path)
     mel = padded_log_mel(wave, num_frames=P.shape[0], context_frames=context_frames, n_mels=n_mels)
-    return {"P": np.asarray(P_canon, dtype=np.float32), "mel": mel.numpy(), "identity": clip["identity"]}
+    return {"P": np.asarray(P_canon, dtype=np.float32), "mel": mel.numpy(), "wave": wave,
+            "rest": _rest_frames(P_canon, wave), "identity": clip["identity"]}
+
+
+def _rest_frames(P_canon: np.ndarray, wave: np.ndarray) -> np.ndarray:
+    """(T,) True on the frames where the speaker is silent (augment.silent_frames) with the mouth closed: its
+    opening within 0.02 IOD of the clip's 10th percentile (canonical units: IOD 1)."""
+    opening = landmarks.mouth_opening(P_canon)                        # (T,)
+    return augment.silent_frames(wave, len(P_canon)) & (opening <= np.quantile(opening, 0.1) + 0.02)
+
+
+CACHED = ("P", "mel", "wave")  # the arrays of a clip stored in the cache and memory-mapped (in its key: a cache of
+#                                 fewer arrays is not read)
 
 
 def _cached_clip(path: str, context_frames: int, n_mels: int, cache: str | None) -> dict | None:
@@ -559,11 +629,11 @@ def _cached_clip(path: str, context_frames: int, n_mels: int, cache: str | None)
         if feats is None:
             return None
         P = feats["P"].astype(np.float64)
-        meta = {"identity": feats["identity"], "sum": P.sum(0), "sumsq": (P ** 2).sum(0)}
-        return {"P": torch.from_numpy(feats["P"]), "mel": torch.from_numpy(feats["mel"]), **meta}
+        meta = {"identity": feats["identity"], "rest": feats["rest"], "sum": P.sum(0), "sumsq": (P ** 2).sum(0)}
+        return {**{name: torch.from_numpy(feats[name]) for name in CACHED}, **meta}
     stat = os.stat(path)
     key = hashlib.sha1(json.dumps([os.path.abspath(path), stat.st_mtime_ns, stat.st_size, context_frames,
-                                   n_mels]).encode()).hexdigest()[:16]
+                                   n_mels, CACHED]).encode()).hexdigest()[:16]
     stem = os.path.join(cache, "a2l", key)
     if not os.path.exists(stem + ".meta.npz"):
         feats = _features(path, context_frames, n_mels)
@@ -571,16 +641,18 @@ def _cached_clip(path: str, context_frames: int, n_mels: int, cache: str | None)
             meta = {"silent": True}
         else:
             P = feats["P"].astype(np.float64)
-            meta = {"silent": False, "identity": feats["identity"], "sum": P.sum(0), "sumsq": (P ** 2).sum(0)}
-            for name in ("P", "mel"):
+            meta = {"silent": False, "identity": feats["identity"], "rest": feats["rest"], "sum": P.sum(0),
+                    "sumsq": (P ** 2).sum(0)}
+            for name in CACHED:
                 atomic_write(f"{stem}.{name}.npy", lambda tmp: np.save(open(tmp, "wb"), feats[name]))
         atomic_write(stem + ".meta.npz", lambda tmp: np.savez(open(tmp, "wb"), **meta))  # last: marks it done
     with np.load(stem + ".meta.npz") as z:
         meta = {k: z[k] for k in z.files}
     if meta["silent"]:
         return None
-    mapped = {name: torch.from_numpy(np.load(f"{stem}.{name}.npy", mmap_mode="c")) for name in ("P", "mel")}
-    return {**mapped, "identity": str(meta["identity"]), "sum": meta["sum"], "sumsq": meta["sumsq"]}
+    mapped = {name: torch.from_numpy(np.load(f"{stem}.{name}.npy", mmap_mode="c")) for name in CACHED}
+    return {**mapped, "identity": str(meta["identity"]), "rest": meta["rest"], "sum": meta["sum"],
+            "sumsq": meta["sumsq"]}
 
 
 def compute_residual_std(dataset: A2LWindows, rel_floor: float = 0.05) -> torch.Tensor:

@@ -451,7 +451,7 @@ def denoiser() -> list[dict]:
     from common import load_checkpoint
     from dreamhead import default_checkpoint
     from l2i import L2IConfig
-    tiny = L2IConfig.from_dict(load_checkpoint(default_checkpoint("l2i"), "l2i")["config"])
+    tiny = L2IConfig.from_checkpoint(load_checkpoint(default_checkpoint("l2i"), "l2i")["config"])
     paper = dataclasses.replace(L2IConfig.preset("paper"), conditioning="channel")
     return unet_side_by_side("tiny (shipped)", tiny, 16, 15) + unet_side_by_side("paper widths", paper, 2, 5) + \
         [ddim_side_by_side(tiny)]

@@ -107,6 +107,14 @@ def float_flag(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = float_flag(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give 0 or more")
+    return value
+
+
 def odd_window(text: str) -> int:
     """An argparse type: 0 (off) or an odd window length."""
     value = int_flag(0)(text)

@@ -181,6 +181,7 @@ class Config:
     round-trip a checkpoint's config (lists from a checkpoint come back as tuples, dicts as TrainConfig)."""
 
     PRESETS: ClassVar[dict] = {}
+    LEGACY: ClassVar[dict] = {}  # values of fields that checkpoints written before the field existed lack
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -199,6 +200,11 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict):
         return cls(**values)
+
+    @classmethod
+    def from_checkpoint(cls, values: dict):
+        """The config a checkpoint recorded; fields it predates take their LEGACY value, not today's default."""
+        return cls.from_dict({**cls.LEGACY, **values})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """The data command line: synthetic talking heads and the canonical template (not part of the paper).
 
     python data.py synth    --out DIR --clips N --seed S [--split train|test] [--size 256] [--workers 2]
-                            [--poses small|wide]
+                            [--poses small|wide] [--voices espeak,flite,festival,piper,recorded|all]
     python data.py verify   --dir DIR [--clips 20]      the generator against its own ground truth
     python data.py sheet    --out docs/data_contact_sheet.png [--video docs/data_sample.mp4]
     python data.py poses    --out docs/poses_wide.png   extreme head poses of a few identities
@@ -12,7 +12,8 @@
 `synth` records its settings (seed, split, size, poses, generator version) in DIR/synth.json and refuses a DIR made
 with other settings; a second run with the same ones only adds the clips that are missing. --poses small (the
 default) is the slight head sway every shipped model was trained on; wide turns heads like talking-head footage
-(synth_clips.py).
+(synth_clips.py). --voices espeak (the default, the shipped models' speech) picks each clip's speaker from those
+engines (voices.py; `bash install_voices.sh` installs the others; all = every installed one).
 
 The generator itself lives in synth_speech.py (speech and motion), synth_face.py (faces and rendering) and
 synth_clips.py (clips); the canonical template is [A2L: landmarks P]'s frontal reference (landmarks.py).
@@ -35,7 +36,7 @@ from cli import ArgumentParser, UsageError, int_flag, run_cli
 from clips import load_clip, read_frames, write_mp4
 from common import atomic_write, save_png
 from landmarks import EYE_OUTER_LEFT, EYE_OUTER_RIGHT, RIGID, detect_image, load_image_rgb
-from synth_clips import EXAMPLE, make_clip, synth
+from synth_clips import EXAMPLE, make_clip, synth, voices_flag
 from synth_face import render_clip
 from synth_speech import FPS, POSES, SAMPLE_RATE, articulation, bilabial_closures, pose_track, silences, speech_clip
 
@@ -110,13 +111,13 @@ def verify(folder, clips=20):
             raise UsageError(f"{path}: video has {len(frames)} frames, landmarks {len(clip['landmarks'])}")
         rows.append({**ground_truth_checks(clip), **detection_checks(clip, frames), "frames": len(frames),
                      "name": os.path.basename(path)[:-4], "identity": clip["identity"],
-                     "pose": pose_range(clip["landmarks"])})
+                     "pose": pose_range(clip["landmarks"]), "voice": str(clip.get("voice", "espeak"))})
     print(f"{'clip':<12}{'id':>4}{'frames':>8}{'detected%':>11}{'lip%IOD':>9}{'silence%':>10}{'bilabial%':>11}"
-          f"{'corr':>7}  max |pitch| |yaw| |roll| deg")
+          f"{'corr':>7}  max |pitch| |yaw| |roll| deg  voice")
     for r in rows:
         print(f"{r['name']:<12}{r['identity']:>4}{r['frames']:>8}{r['detected'] * 100:>11.1f}{r['lip_error']:>9.2f}"
               f"{r['silence_max'] * 100:>10.1f}{r['bilabial_max'] * 100:>11.1f}{r['corr']:>7.3f}"
-              f"  {r['pose'][0]:5.1f} {r['pose'][1]:5.1f} {r['pose'][2]:5.1f}")
+              f"  {r['pose'][0]:5.1f} {r['pose'][1]:5.1f} {r['pose'][2]:5.1f}      {r['voice']}")
     frames_total = sum(r["frames"] for r in rows)
     summary = {
         "clips": len(rows), "frames": frames_total,
@@ -136,7 +137,30 @@ def verify(folder, clips=20):
           f"(target >= 0.5)")
     pitch, yaw, roll = summary["pose_max_deg"]
     print(f"head pose reached (GT)          |pitch| {pitch:.1f}, |yaw| {yaw:.1f}, |roll| {roll:.1f} deg")
+    summary["corr_by_voice"] = _by_voice(rows, "corr")
+    if len(summary["corr_by_voice"]) > 1:
+        print("corr(opening, RMS) by voice     " + ", ".join(
+            f"{v} {np.mean(c):.3f} ({len(c)})" for v, c in summary["corr_by_voice"].items()))
     return summary
+
+
+def _frames_and_voices(paths):
+    """(frames in all the clips, {engine: clips}) of synthetic clips (no "voice" field: espeak-ng)."""
+    frames, voices = 0, {}
+    for path in paths:
+        with np.load(path) as z:
+            frames += len(z["landmarks"])
+            voice = str(z["voice"]) if "voice" in z.files else "espeak"
+        voices[voice] = voices.get(voice, 0) + 1
+    return frames, voices
+
+
+def _by_voice(rows, key):
+    """{voice: [row[key], ...]} in the order the voices first appear."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["voice"], []).append(r[key])
+    return out
 
 
 def _draw_points(image, points, lips_colour=(255, 40, 40), colour=(40, 255, 80)):
@@ -315,6 +339,9 @@ def main(argv=None):
     s.add_argument("--workers", type=int_flag(1), default=2)
     s.add_argument("--poses", choices=POSES, default="small",
                    help="head motion: small (the shipped models' slight sway) or wide (turning heads)")
+    s.add_argument("--voices", type=voices_flag, default="espeak",
+                   help="speech engines, comma-separated: espeak (the default), flite, festival, piper, recorded; "
+                        "all = every installed one (install_voices.sh)")
     v = sub.add_parser("verify", help="measure detection, lip error and mouth/audio agreement")
     v.add_argument("--dir", required=True)
     v.add_argument("--clips", type=int_flag(1), default=20)
@@ -342,10 +369,12 @@ def main(argv=None):
         detect(args.image, args.out, args.size)
     elif args.command == "synth":
         start = time.time()
-        paths = synth(args.out, args.clips, args.seed, args.split, args.size, args.workers, poses=args.poses)
-        frames = sum(len(np.load(p)["landmarks"]) for p in paths)
+        paths = synth(args.out, args.clips, args.seed, args.split, args.size, args.workers, poses=args.poses,
+                      voices=args.voices)
+        frames, engines = _frames_and_voices(paths)
         elapsed = time.time() - start
         print(f"{len(paths)} clips, {frames} frames in {elapsed:.1f} s ({frames / elapsed:.1f} frames/s) -> {args.out}")
+        print("speech engines: " + ", ".join(f"{e} {n} clips" for e, n in engines.items()))
     elif args.command == "verify":
         verify(args.dir, args.clips)
     elif args.command == "poses":

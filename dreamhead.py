@@ -53,6 +53,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MIN_EYE_DISTANCE = 12  # px in the output frame; below this the mouth is a few pixels and cannot be rendered
 MAX_WEIGHT = 1e4  # trained weights stay within a few units (the shipped ones: 1.5); a flipped exponent bit does not
 CHUNK = 1024  # frames of given landmarks canonicalised at once (memory vs speed)
+DETAIL = 0.0  # strength of the detail transfer at paste-back (transfer_detail); 0 pastes the upscaled crop as it is
 
 
 def default_checkpoint(stage: str) -> str:
@@ -69,7 +70,7 @@ def load_model(path: str, stage: str, device="cpu", weights: str = "ema") -> tor
     ckpt = load_checkpoint(path, stage)
     model_class, config_class = STAGES[stage]
     try:
-        model = model_class(config_class.from_dict(ckpt["config"]))
+        model = model_class(config_class.from_checkpoint(ckpt["config"]))
         model.load_state_dict(ckpt[weights])
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise UsageError(f"{path} does not match this code's {stage} model ({type(err).__name__}: "
@@ -230,11 +231,48 @@ def union_boxes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([np.minimum(a[:, :2], b[:, :2]), np.maximum(a[:, 2:], b[:, 2:])], axis=1)
 
 
-def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box) -> np.ndarray:
+def transfer_detail(patch: np.ndarray, photo: np.ndarray, scale: float, strength: float = 1.0,
+                    tolerance: float = 6.0, keep: np.ndarray | None = None) -> np.ndarray:
+    """The photo's own fine detail put back into an upscaled generated patch, where the two show the same thing.
+
+    Detail transfer as in Petschnigg et al. 2004 (flash / no-flash pairs): detail = photo - its Gaussian blur at
+    the generator's pixel size (`scale` photo px per generated px), added with weight strength x exp(-(delta /
+    tolerance)^2), delta the grey-level difference of the two images' band-passed structure (blur at that size
+    minus blur at 4x it, so a colour cast does not count). Skin keeps the photo's grain and edges; lips and teeth
+    that moved keep the generator's; keep (h, w) in [0, 1] marks where the patch stays as it is all the same (the
+    lips: a photo's open mouth must not show through). patch, photo uint8 (h, w, 3) -> uint8 (h, w, 3)."""
+    sigma = max(0.5, scale / 2)
+    g, p = patch.astype(np.float32), photo.astype(np.float32)
+    fine_g, fine_p = cv2.GaussianBlur(g, (0, 0), sigma), cv2.GaussianBlur(p, (0, 0), sigma)
+    band_g = fine_g - cv2.GaussianBlur(g, (0, 0), 4 * sigma)
+    band_p = fine_p - cv2.GaussianBlur(p, (0, 0), 4 * sigma)
+    delta = np.abs(band_g - band_p).mean(axis=-1, keepdims=True)   # (h, w, 1)
+    weight = strength * np.exp(-(delta / tolerance) ** 2)
+    if keep is not None:
+        weight = weight * (1.0 - keep[..., None])
+    return np.clip(np.round(g + weight * (p - fine_p)), 0, 255).astype(np.uint8)
+
+
+def lip_zone(shape: tuple, offset, lips) -> np.ndarray:
+    """(h, w) float in [0, 1]: the hulls of the given lip outlines (each (n, 2) in source px; region origin
+    `offset` = (x0, y0)), grown softly by a fifth of the widest one's width."""
+    zone = np.zeros(shape, np.float32)
+    width = 1.0
+    for points in lips:
+        pts = np.round(np.asarray(points)[:, :2] - offset).astype(np.int32)
+        cv2.fillConvexPoly(zone, cv2.convexHull(pts), 1.0)
+        width = max(width, float(np.ptp(pts[:, 0])))
+    return np.clip(2 * cv2.GaussianBlur(zone, (0, 0), 0.2 * width), 0.0, 1.0)
+
+
+def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box, detail: float = 0.0,
+          lips=()) -> np.ndarray:
     """Blend one generated crop back into its full source frame inside the feathered mouth box.
 
-    crop_box (x0, y0, side) in source px; generated uint8 (S, S, 3); mouth_box (x0, y0, x1, y1) in crop px.
-    Only the region around the mouth is touched; pixels outside the feathered box stay the source's."""
+    crop_box (x0, y0, side) in source px; generated uint8 (S, S, 3); mouth_box (x0, y0, x1, y1) in crop px;
+    detail: strength of `transfer_detail` (0: the upscaled crop as it is), kept out of `lip_zone(lips)` (the
+    source's and the driving landmarks' outer lips, (n, 2) source px each). Only the region around the mouth is
+    touched; pixels outside the feathered box stay the source's."""
     H, W = source.shape[:2]
     x0, y0, side = crop_box
     k = side / generated.shape[0]  # source px per crop px
@@ -249,6 +287,9 @@ def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box) -> np.
     M = np.array([[k, 0.0, x0 - rx0], [0.0, k, y0 - ry0]])  # crop px -> region px
     patch = cv2.warpAffine(generated, M, (rx1 - rx0, ry1 - ry0), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
+    if detail > 0:
+        keep = lip_zone(patch.shape[:2], (rx0, ry0), lips) if len(lips) else None
+        patch = transfer_detail(patch, source[ry0:ry1, rx0:rx1], k, detail, keep=keep)
     mask = np.zeros((ry1 - ry0, rx1 - rx0), np.float32)
     bx0, by0, bx1, by1 = (int(round(v)) for v in box - [rx0, ry0, rx0, ry0])
     mask[max(by0, 0):by1, max(bx0, 0):bx1] = 1.0
@@ -487,30 +528,33 @@ class DreamHead:
         yield from ordered_map(render, batches, workers)
 
     def render(self, face: Face, plan: Plan, steps=None, guidance=None, seed: int = 0, batch: int = 16,
-               crop_filter: str = "bilinear", debug: bool = False, workers: int = 1):
+               crop_filter: str = "bilinear", debug: bool = False, workers: int = 1, detail: float = DETAIL):
         """The output frames of a plan, uint8 (b, H, W, 3) per batch in order: each generated crop pasted back
         into its source frame (debug: input | landmarks | output side by side). crop_filter: how the face crop
         is shrunk to the model's size (bilinear sampling or area averaging, landmarks.crop_faces); workers:
-        batches rendered at once in threads while this one pastes (`ordered_map`)."""
+        batches rendered at once in threads while this one pastes (`ordered_map`); detail: how much of the photo's
+        fine detail goes back into the pasted mouth (`transfer_detail`)."""
         crops = landmarks.crop_faces(face.frames, plan.boxes, self.size, area=crop_filter == "area")  # (N, S, S, 3)
         ref = int(np.flatnonzero(face.usable)[0])  # the reference pair: the first source frame with a face
         ref_canon = landmarks.canonicalize(face.P[ref])[0]
         batches, rendering = itertools.tee(plan.batches(batch))  # tee holds the one batch between the two loops
         for (start, P_canon, mouth), generated in zip(batches, self.render_crops(
                 crops, plan.source, rendering, crops[ref], ref_canon, steps, guidance, seed, workers)):  # (b, S, S, 3)
-            driving = plan.image_landmarks(start, P_canon) if debug else None  # (b, 478, 3) frame px
+            driving = plan.image_landmarks(start, P_canon)  # (b, 478, 3) frame px
             out = []
             for j, g in enumerate(generated):  # paste-back touches only the mouth region of each frame
                 s = plan.source[start + j]
                 # a driving-video frame without a face keeps its pixels: there is no mouth to put anything on
-                frame = paste(face.frames[s], plan.boxes[s], g, mouth[j]) if face.usable[s] else face.frames[s]
+                lips = (face.P[s][landmarks.LIPS_OUTER], driving[j][landmarks.LIPS_OUTER])
+                frame = paste(face.frames[s], plan.boxes[s], g, mouth[j], detail, lips) if face.usable[s] \
+                    else face.frames[s]
                 out.append(debug_frame(face.frames[s], driving[j], frame) if debug else frame)
             yield np.stack(out)
 
     # ---- the whole cascade ----------------------------------------------------------------------------
     def generate(self, audio, face, landmarks_px: np.ndarray | None = None, max_size: int = 720, steps=None,
                  guidance=None, seed: int = 0, batch: int = 16, smooth: int = 0, crop_filter: str = "bilinear",
-                 debug: bool = False, workers: int | None = None) -> Talk:
+                 debug: bool = False, workers: int | None = None, detail: float = DETAIL) -> Talk:
         """Speech (a sound file's path, an audio.Speech, or a 16 kHz mono float wave that is the model's input as
         it is) and a face (a photo or video path, or a Face) -> a Talk: face detection, the crop and P̄ run now,
         A2L, L2I and paste-back as it is iterated. steps / guidance apply to both stages (None: each config's);
@@ -523,7 +567,7 @@ class DreamHead:
         face = load_face(os.fspath(face), max_size) if isinstance(face, (str, os.PathLike)) else face
         plan = self.plan(audio, face, landmarks_px, steps, guidance, seed, smooth)
         options = dict(steps=steps, guidance=guidance, seed=seed, batch=batch, crop_filter=crop_filter, debug=debug,
-                       workers=default_workers(self.device) if workers is None else workers)
+                       detail=detail, workers=default_workers(self.device) if workers is None else workers)
         return Talk(self, face, plan, audio, options, audio.path)
 
     def check_steps(self, steps) -> None:

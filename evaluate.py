@@ -30,6 +30,12 @@ Cascade (`sample`, [Cascade]): dreamhead.DreamHead on held-out faces and sentenc
 MediaPipe's mouth opening on the output video against the ground truth of the sentence, and seconds of compute
 per second of audio.
 
+`real`: real portraits and recorded speech (examples/real, no ground truth): MediaPipe's mouth opening on the
+output against the speech envelope (best lag within 2 frames) and in pauses of 0.3 s or more against speech, the
+same for A2L's landmarks, the mouth's fine detail against the face skin around it on the output and on the photo
+(metrics.mouth_sharpness), and how far A2L's lip motion moves when the recording is 20 dB quieter or 10 dB louder
+and clipped.
+
 `report`: the cascade and each stage as talking-head papers report them, in one JSON and one markdown table
 (docs/evaluation.md): PSNR and SSIM of face crops and mouth boxes, lip and full-face LMD after a similarity fit,
 mouth-opening correlation, jitter, AV offset, silence ratio and DreamHead-FID (fid.py; not comparable with
@@ -51,13 +57,14 @@ import clips
 import fid
 import landmarks
 from a2l import A2LWindows, predict_clips
-from cli import ArgumentParser, UsageError, float_flag, int_flag, run_cli, seed_flag
+from cli import ArgumentParser, UsageError, float_flag, int_flag, nonnegative_float, run_cli, seed_flag
+from audio import SAMPLE_RATE, Speech
 from common import atomic_write, save_png, to_tensor_image, to_uint8_image
-from dreamhead import DreamHead, default_checkpoint, default_workers, load_model, share_cores
+from dreamhead import DETAIL, DreamHead, default_checkpoint, default_workers, load_face, load_model, share_cores
 from l2i import L2IFrames, L2ILatents
 from metrics import UPSCALE, av_offset, canonical_jitter, corr, corr_by_identity, detect_landmarks, fitted_errors, \
-    image_scores, landmark_metrics, measured_opening, nan_corr, opening_per_iod, plot_opening, psnr, silence_ratio, \
-    speech_envelope
+    image_scores, landmark_metrics, measured_opening, mouth_sharpness, nan_corr, opening_per_iod, plot_opening, psnr, \
+    sharpness_regions, silence_ratio, speech_envelope
 from synth_clips import appearance_frames, clips_or_synthetic
 
 FID_STILLS = 16  # stills per identity that train the DreamHead-FID network
@@ -230,9 +237,10 @@ def fitted_lip_error(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, n
 def main_photo(args) -> dict:
     """A2L through the user path: each held-out clip's first frame as the photo and its sound, as sample.py gets
     them; the landmarks the cascade drives L2I with (sample.py --save-landmarks) against the clip's true ones,
-    beside repeating the first frame. No frame is rendered."""
+    beside repeating the first frame and beside the truth's own motion on the mesh MediaPipe reads on the photo
+    (`oracle_on_photo`: the floor the photo's detection sets). No frame is rendered."""
     model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i, device="cpu")
-    errors, repeat_errors, corrs = [], [], []
+    errors, repeat_errors, corrs, floors = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for path in clips_or_synthetic(args.data, "test", args.clips, poses=args.poses):
             clip = clips.load_clip(path)
@@ -241,14 +249,25 @@ def main_photo(args) -> dict:
             truth = clip["landmarks"][:len(pred)]
             error, opening = fitted_lip_error(pred, truth)
             repeat_error, _ = fitted_lip_error(np.broadcast_to(truth[:1], truth.shape), truth)
+            floor_error, _ = fitted_lip_error(oracle_on_photo(face, truth), truth)
             errors.append(error.mean())
             repeat_errors.append(repeat_error.mean())
+            floors.append(floor_error.mean())
             corrs.append(corr(opening, landmarks.mouth_opening(truth) / landmarks.inter_ocular(truth)))
     row = {"clips": len(errors), "lip_error_pct_iod": 100 * float(np.mean(errors)),
            "repeat_frame0_pct_iod": 100 * float(np.mean(repeat_errors)),
            "ratio_to_repeat": float(np.mean(errors) / np.mean(repeat_errors)),
-           "opening_corr": float(np.nanmean(corrs))}
+           "opening_corr": float(np.nanmean(corrs)), "true_motion_on_photo_pct_iod": 100 * float(np.mean(floors)),
+           "true_motion_ratio_to_repeat": float(np.mean(floors) / np.mean(repeat_errors))}
     return {"user_path": row}
+
+
+def oracle_on_photo(face: str, truth: np.ndarray) -> np.ndarray:
+    """A perfect A2L on the user path: the truth's canonical motion (T, 478, 3) added to the mesh MediaPipe reads
+    on the photo, in the photo's pose; its error is what the photo's detection alone costs."""
+    detected, pose = landmarks.canonicalize(landmarks.detect_image(landmarks.load_image_rgb(face))[None])
+    canon, _ = landmarks.canonicalize(truth)
+    return landmarks.uncanonicalize(detected + canon - canon[:1], pose)
 
 
 def main_sample(args) -> dict:
@@ -300,6 +319,82 @@ def main_a2l(args) -> dict:
     print(format_table(rows))
     if args.plot:
         plot_opening(results[0], args.plot, "held-out identity and sentence: mouth opening over time")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# real: real photos and recorded speech, no ground truth
+# ------------------------------------------------------------------------------------------------------------
+
+def real_inputs(folder: str) -> tuple[list[str], list[str]]:
+    """The portraits (png, jpg) and recordings (wav, flac) of a folder of real inputs, sorted."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    photos = [os.path.join(folder, n) for n in names if n.lower().endswith((".png", ".jpg", ".jpeg"))]
+    voices = [os.path.join(folder, n) for n in names if n.lower().endswith((".wav", ".flac"))]
+    if not photos or not voices:
+        raise UsageError(f"{folder} needs at least one photo (png/jpg) and one recording (wav/flac); the shipped "
+                         "set is examples/real")
+    return photos, voices
+
+
+def motion_change(opening: np.ndarray, reference: np.ndarray) -> float:
+    """Mean |opening - reference| over the reference's range (max - min): how far lip motion moved."""
+    return float(np.abs(opening - reference).mean() / max(np.ptp(reference), 1e-9))
+
+
+def loudness_variants(path: str) -> dict:
+    """The recording as read, 20 dB quieter, and 10 dB louder clipped to full scale (audio.Speech each)."""
+    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (S, channels)
+    return {"quiet": Speech(samples * 0.1, rate, name=path),
+            "loud_clipped": Speech(np.clip(samples * 10 ** 0.5, -1.0, 1.0), rate, name=path)}
+
+
+def real_row(model, face, speech: Speech, photo: np.ndarray, args) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Measures of one photo and recording: MediaPipe's opening on the output against the speech envelope (best
+    lag within 2 frames), pauses against speech, the same for A2L's landmarks, and the mouth's sharpness
+    against the face skin around it on the output and on the photo itself. Also the frames and skin mask."""
+    talk = model.generate(speech, face, steps=args.steps, seed=args.seed, detail=args.detail)
+    frames = np.concatenate(list(talk))                                   # (T, H, W, 3) at the photo's size
+    envelope = speech_envelope(speech.wave(), SAMPLE_RATE, len(frames))
+    measured = measured_opening(frames, detect_size=max(256, *frames.shape[1:3]))
+    driving = opening_per_iod(talk.landmarks)                             # (T,) A2L's, before rendering
+    mouth, skin = sharpness_regions(frames, photo, face.P[0])
+    row = {"frames": len(frames), "envelope_corr": av_offset(measured, envelope, max_lag=2)[1],
+           "pause_ratio": silence_ratio(measured, envelope),
+           "landmarks_envelope_corr": av_offset(driving, envelope, max_lag=2)[1],
+           "landmarks_pause_ratio": silence_ratio(driving, envelope),
+           "sharpness": float(mouth_sharpness(frames, mouth, skin).mean()),
+           "photo_sharpness": float(mouth_sharpness(photo[None], mouth, skin)[0]),
+           "detected": float(np.isfinite(measured).mean())}
+    for name, variant in loudness_variants(speech.path).items():
+        row[f"{name}_change"] = motion_change(opening_per_iod(model.generate(variant, face, steps=args.steps,
+                                                                             seed=args.seed).landmarks), driving)
+    return row, frames, mouth | skin
+
+
+def mouth_strip(photo: np.ndarray, frames: np.ndarray, region: np.ndarray, count: int = 6) -> np.ndarray:
+    """The photo's mouth region beside `count` output frames' spread over the clip: uint8 (h, (count + 1) w, 3)."""
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    crop = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
+    return np.concatenate([photo[crop]] + [frames[i][crop] for i in picks], axis=1)
+
+
+def main_real(args) -> dict:
+    """The cascade on real portraits and recorded speech (`--inputs`, every photo with every recording)."""
+    photos, voices = real_inputs(args.inputs)
+    model = DreamHead.from_checkpoints(args.a2l, args.vae, args.l2i, device="cpu")
+    rows, strip = {}, None
+    for photo_path in photos:
+        face = load_face(photo_path)
+        for voice in voices:
+            name = f"{os.path.basename(photo_path)} + {os.path.basename(voice)}"
+            rows[name], frames, region = real_row(model, face, Speech(voice), face.frames[0], args)
+            strip = mouth_strip(face.frames[0], frames, region) if strip is None else strip
+            print(name, rows[name], flush=True)
+    rows["mean"] = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
+    if args.strip:
+        save_png(args.strip, strip)
     return rows
 
 
@@ -538,7 +633,15 @@ def parse_args(argv=None):
     o = sub.add_parser("photo", help="A2L through the user path: one photo, as sample.py --save-landmarks")
     s = sub.add_parser("sample", help="the whole cascade on held-out faces and sentences")
     s.add_argument("--videos", type=int_flag(1), default=4, help="Held-out clips to dub.")
-    for q, stage in ((q, stage) for q in (o, s) for stage in ("a2l", "vae", "l2i")):
+    e = sub.add_parser("real", help="real portraits and recorded speech: opening against the speech envelope, "
+                       "pauses, mouth sharpness, loudness robustness")
+    e.add_argument("--inputs", default="examples/real", help="Folder of real photos (png, jpg) and recordings (wav, "
+                   "flac); every photo is dubbed with every recording.")
+    e.add_argument("--strip", default=None, help="PNG of the first photo's mouth beside six output frames.")
+    e.add_argument("--detail", type=nonnegative_float, default=DETAIL, help="Strength of the detail transfer at "
+                   "paste-back, as sample.py --detail (0: off).")
+    e.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
+    for q, stage in ((q, stage) for q in (o, s, e) for stage in ("a2l", "vae", "l2i")):
         q.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
     s.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="How the face crop is "
                    "shrunk to the model's size, as sample.py --crop-filter.")
@@ -567,7 +670,7 @@ def parse_args(argv=None):
         q.add_argument("--upscale", choices=sorted(UPSCALE), default="cubic", help="Interpolation that upscales "
                        "frames before MediaPipe detection; on soft 64 px frames the opening correlation moves by a "
                        "few hundredths between them, either way (docs/experiments.md).")
-    for q in (a, i, s, o, r):
+    for q in (a, i, s, o, r, e):
         q.add_argument("--steps", type=int_flag(1), default=None, help="DDIM steps; by default the config's.")
         q.add_argument("--seed", type=seed_flag, default=0, help="Seed of the sampling noise.")
     for q in (i, s, r):
@@ -579,7 +682,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     run = {"a2l": main_a2l, "vae": main_vae, "l2i": main_l2i, "sample": main_sample, "photo": main_photo,
-           "fid-net": main_fid_net, "report": main_report}
+           "real": main_real, "fid-net": main_fid_net, "report": main_report}
     rows = run[args.stage](args)
     if args.stage not in ("a2l", "fid-net", "report"):
         print_rows(rows)

@@ -302,3 +302,51 @@ def silence_ratio(opening: np.ndarray, envelope: np.ndarray, fps: float = 25.0, 
     if not len(a) or not len(b) or b.mean() <= 0:
         return float("nan")
     return float(a.mean() / b.mean())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sharpness of the pasted mouth against the face around it
+# ------------------------------------------------------------------------------------------------------------
+
+def detail_energy(frames: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Per-pixel energy of the fine detail of uint8 frames (..., H, W, 3): the square of the grey image minus its
+    Gaussian blur (sigma px), (..., H, W) float32. Blur, an upscaled patch, removes it; grain and edges carry it."""
+    grey = np.asarray(frames, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0  # (..., H, W)
+    flat = grey.reshape(-1, *grey.shape[-2:])
+    blurred = np.stack([cv2.GaussianBlur(g, (0, 0), sigma) for g in flat]).reshape(grey.shape)
+    return (grey - blurred) ** 2
+
+
+def sharpness_regions(frames: np.ndarray, photo: np.ndarray, P_photo: np.ndarray, core: float = 0.2,
+                      ring: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(mouth, skin) boolean masks (H, W) for `mouth_sharpness` on outputs pasted into a still photo.
+
+    The pasted region is where any frame (T, H, W, 3) differs from the photo (H, W, 3); paste-back leaves every
+    other pixel as it was. mouth: its inside, farther than `core` x its width from its edge (where the feathered
+    mask is full, so only generated pixels count); skin: the face (hull of the photo's face oval, P_photo
+    (478, 3) px) outside the pasted region and away from the eyes and brows (their hulls grown by a fifth of the
+    eye distance), within `ring` x its width of it."""
+    changed = (np.asarray(frames) != np.asarray(photo)[None]).any(axis=(0, -1))  # (H, W)
+    if not changed.any():
+        raise ValueError("no frame differs from the photo: nothing was pasted")
+    cols = np.flatnonzero(changed.any(axis=0))
+    width = float(cols[-1] - cols[0] + 1)
+    inside = scipy.ndimage.distance_transform_edt(changed)
+    outside = scipy.ndimage.distance_transform_edt(~changed)
+    face = np.zeros(changed.shape, np.uint8)
+    cv2.fillConvexPoly(face, cv2.convexHull(np.round(P_photo[list(landmarks.FACE_OVAL_RING), :2]).astype(np.int32)),
+                       1)
+    eyes = np.zeros(changed.shape, np.uint8)
+    for edges in (landmarks.LEFT_EYE_EDGES, landmarks.RIGHT_EYE_EDGES, landmarks.LEFT_EYEBROW_EDGES,
+                  landmarks.RIGHT_EYEBROW_EDGES):
+        cv2.fillConvexPoly(eyes, cv2.convexHull(np.round(P_photo[np.unique(edges), :2]).astype(np.int32)), 1)
+    near_eyes = scipy.ndimage.distance_transform_edt(eyes == 0) <= 0.2 * float(landmarks.inter_ocular(P_photo))
+    return inside > core * width, (outside > 2) & (outside <= ring * width) & face.astype(bool) & ~near_eyes
+
+
+def mouth_sharpness(frames: np.ndarray, mouth: np.ndarray, skin: np.ndarray) -> np.ndarray:
+    """Per frame, the mean detail energy (`detail_energy`) inside `mouth` over that of `skin` (both (H, W) bool):
+    frames (T, H, W, 3) -> (T,). A photo's own mouth scores above 1 (lips and teeth have edges); a blurred paste
+    scores far below its surroundings."""
+    energy = detail_energy(frames)  # (T, H, W)
+    return energy[:, mouth].mean(axis=1) / np.maximum(energy[:, skin].mean(axis=1), 1e-12)

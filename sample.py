@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-from cli import ArgumentParser, UsageError, float_flag, int_flag, odd_window, run_cli, seed_flag
+from cli import ArgumentParser, UsageError, float_flag, int_flag, nonnegative_float, odd_window, run_cli, \
+    seed_flag
 
 
 def parse_args(argv=None):
@@ -44,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="how the face crop is "
                    "shrunk to the model's size: bilinear sampling keeps aliased, crisper detail; area averages like "
                    "the training frames. With the shipped models bilinear reads better (README)")
+    p.add_argument("--detail", type=nonnegative_float, default=0.0, help="strength of the photo's own fine detail "
+                   "put back into the pasted mouth where photo and render agree, lips excluded (detail transfer, "
+                   "Petschnigg et al. 2004); 0 (default) pastes the upscaled render as it is; 1 sharpens the skin "
+                   "(README)")
     p.add_argument("--save-landmarks", default=None, help="write the driving landmarks in the face file's pixel "
                    "coordinates, (T, 478, 3) float32, to this .npy")
     p.add_argument("--landmarks", default=None, help="drive L2I with these landmarks instead of A2L's: a .npy "
@@ -96,7 +101,7 @@ def main(argv=None):
     share_cores(workers)
     talk = model.generate(speech, face, given, steps=args.steps, guidance=args.guidance, seed=args.seed,
                           batch=args.batch, smooth=args.smooth, crop_filter=args.crop_filter, debug=args.debug,
-                          workers=workers)
+                          workers=workers, detail=args.detail)
     if args.save_landmarks:
         talk.save_landmarks(args.save_landmarks)
     on_frames, picture = strip_picture(talk) if args.strip else (None, None)

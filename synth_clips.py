@@ -20,7 +20,13 @@ size like talking-head footage (`synth_speech.wide_pose_track`, drawn with `synt
 for turning heads). It is part of a folder's identity: recorded in synth.json, and the wide sets of the cache
 live in folders of their own (root/<split>_wide_<count>_<seed>/). The held-out "posed" test set is split "test"
 (the test identities and sentences) with poses "wide".
+
+voices (`voices.ENGINES`): the speech engines a clip's speaker is drawn from, espeak-ng alone by default (bit for
+bit as before), or with flite, festival, piper and real recorded prompts (`voices.py`, `install_voices.sh`). Also
+part of a folder's identity (synth.json, root/<split>_espeak+flite_<count>_<seed>/); such clips record their
+engine in the extra field "voice".
 """
+import argparse
 import glob
 import json
 import os
@@ -36,7 +42,8 @@ from common import atomic_write
 from synth_face import EXTRA_IDENTITIES_START, TEST_IDENTITIES, TRAIN_IDENTITIES, identity_texture, render_clip, \
     _triangulation
 from synth_speech import FPS, POSES, SAMPLE_RATE, articulation, blink_track, head_pose, pose_track, speech_clip, \
-    wide_pose_track
+    spoken_clip, wide_pose_track
+from voices import DEFAULT_VOICES, check_voices, parse_voices
 
 EXAMPLE = dict(seed=0, index=16, split="test")  # the shipped example: a held-out identity (18), a held-out sentence
 # Bump when make_clip gives other clips for the same (seed, index, split, size): a folder made by another version
@@ -82,6 +89,27 @@ def _check_poses(poses):
         raise UsageError(f"unknown poses {poses!r}; use one of {', '.join(POSES)}")
 
 
+def _check_voices(voices):
+    """voices (voices.ENGINES, each installed) in their canonical order; else a UsageError saying what to do."""
+    try:
+        return check_voices(tuple(voices))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def voices_flag(text):
+    """An argparse type: a --voices value (voices.parse_voices) as a tuple of installed engines."""
+    try:
+        return parse_voices(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _voices_name(voices, sep="_"):
+    """'' for espeak-ng alone, else sep + the engines joined by '+' (a folder name's part, a progress label)."""
+    return "" if tuple(voices) == DEFAULT_VOICES else sep + "+".join(voices)
+
+
 def pick_identity(rng, split):
     """A random identity of the split: train 0-15, test 16-19 (held out)."""
     if split not in ("train", "test"):
@@ -90,28 +118,29 @@ def pick_identity(rng, split):
     return int(ids[rng.integers(len(ids))])
 
 
-def make_clip(seed, index, split="train", size=256, seconds=None, text=None, poses="small"):
-    """One clip in the clip format (clips.py) plus its frames, deterministic in (seed, index, split, poses);
-    poses "small" and "wide" share the identity, speech, mouth and blinks, and differ in the head track."""
+def make_clip(seed, index, split="train", size=256, seconds=None, text=None, poses="small", voices=DEFAULT_VOICES):
+    """One clip in the clip format (clips.py) plus its frames, deterministic in (seed, index, split, poses,
+    voices); poses "small" and "wide" share the identity, speech, mouth and blinks, and differ in the head track.
+    With voices other than the default (espeak-ng alone) the clip records the engine that spoke it ("voice")."""
     _check_poses(poses)
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
     identity = pick_identity(rng, split)
-    audio, phonemes, ipa, text = speech_clip(rng, split, seconds, text)
+    audio, phonemes, ipa, text, engine = spoken_clip(rng, split, seconds, text, voices)
     duration = len(audio) / SAMPLE_RATE
     art = articulation(phonemes, ipa, duration, audio)
     frames_n = len(art)
     frames, meshes = render_clip(identity, art, blink_track(rng, frames_n), head_pose(rng, frames_n, poses), size)
     return {"frames": frames, "landmarks": meshes, "fps": FPS, "identity": str(identity), "audio": audio,
             "sample_rate": SAMPLE_RATE, "text": text, "phonemes": phonemes, "phoneme_ipa": np.array(ipa),
-            "frame_size": (size, size)}
+            "frame_size": (size, size), **({} if tuple(voices) == DEFAULT_VOICES else {"voice": engine})}
 
 
 def _synth_one(job):
     cv2.setNumThreads(1)
-    out, seed, index, split, size, poses = job
+    out, seed, index, split, size, poses, voices = job
     stem = os.path.join(out, f"clip_{index:04d}")
     if not (os.path.exists(stem + ".npz") and os.path.exists(stem + ".mp4")):
-        clips.save_clip(stem, make_clip(seed, index, split, size, poses=poses))
+        clips.save_clip(stem, make_clip(seed, index, split, size, poses=poses, voices=voices))
     return stem + ".npz"
 
 
@@ -130,40 +159,46 @@ def _read_settings(path):
         raise UsageError(f"cannot read {path} ({err}); delete the folder or generate into another one") from None
 
 
-def check_settings(out, seed, split, size, poses="small"):
+def check_settings(out, seed, split, size, poses="small", voices=DEFAULT_VOICES):
     """Refuse the folder `out` when its synth.json records other settings; write synth.json into a folder
     without clips. A folder with clips and no synth.json (made before the file existed) is accepted as it is:
-    nothing says what it was made with; a synth.json without poses (made before wide poses) means "small"."""
-    wanted = {"generator": GENERATOR_VERSION, "seed": int(seed), "split": split, "size": int(size), "poses": poses}
+    nothing says what it was made with; a synth.json without poses (made before wide poses) means "small",
+    one without voices (espeak-ng alone: made before other engines, or with the default, which is not written)."""
+    wanted = {"generator": GENERATOR_VERSION, "seed": int(seed), "split": split, "size": int(size), "poses": poses,
+              "voices": list(voices)}
     path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(path):
-        found = {"poses": "small", **_read_settings(path)}
+        found = {"poses": "small", "voices": list(DEFAULT_VOICES), **_read_settings(path)}
         differs = [f"{key} {found.get(key)} (not {value})" for key, value in wanted.items() if found.get(key) != value]
         if differs:
             raise UsageError(f"{out} holds clips made with other settings: {', '.join(differs)} per its "
                              f"{SETTINGS_FILE}; delete the folder or generate into another one")
     elif not glob.glob(os.path.join(out, "clip_*")):
+        written = {k: v for k, v in wanted.items() if k != "voices" or tuple(voices) != DEFAULT_VOICES}
+
         def write(tmp):
             with open(tmp, "w") as f:
-                json.dump(wanted, f, indent=1)
+                json.dump(written, f, indent=1)
         atomic_write(path, write)
 
 
-def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True, poses="small"):
+def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True, poses="small",
+          voices=DEFAULT_VOICES):
     """Generate `count` clips into `out` (existing ones are kept); returns the npz paths in order.
 
     `out` records the settings in synth.json; a folder made with other settings is refused (UsageError)."""
     if count < 1 or size < 64:
         raise UsageError("need --clips >= 1 and --size >= 64")
     _check_poses(poses)
+    voices = _check_voices(voices)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create {out}: {err.strerror}; choose a writable --out folder") from None
-    check_settings(out, seed, split, size, poses)
-    jobs = [(out, seed, i, split, size, poses) for i in range(count)]
+    check_settings(out, seed, split, size, poses, voices)
+    jobs = [(out, seed, i, split, size, poses, voices) for i in range(count)]
     paths = []
-    desc = f"synth {split}" + ("" if poses == "small" else f" {poses} poses")
+    desc = f"synth {split}" + ("" if poses == "small" else f" {poses} poses") + _voices_name(voices, " ")
     with tqdm(total=count, desc=desc, unit="clip", disable=not progress) as bar:
         if workers <= 1:
             for job in jobs:
@@ -179,29 +214,35 @@ def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True,
     return paths
 
 
-def synthetic_folder(split="train", count=64, seed=0, root="cache/synth", size=256, poses="small"):
-    """The cache folder of a synthetic set: root/<split>_<count>_<seed>[_<size>px] for small poses (as before
-    poses existed, so those caches stay valid), root/<split>_<poses>_<count>_<seed>[_<size>px] for others."""
+def synthetic_folder(split="train", count=64, seed=0, root="cache/synth", size=256, poses="small",
+                     voices=DEFAULT_VOICES):
+    """The cache folder of a synthetic set: root/<split>_<count>_<seed>[_<size>px] for small poses and espeak-ng
+    alone (as before poses and voices existed, so those caches stay valid), with _<poses> for other poses and
+    _<engine>+<engine>... for other voices after the split (root/train_wide_espeak+piper_64_0)."""
     _check_poses(poses)
-    name = split + ("" if poses == "small" else f"_{poses}") + f"_{count}_{seed}"
+    name = split + ("" if poses == "small" else f"_{poses}") + _voices_name(_check_voices(voices)) + f"_{count}_{seed}"
     return os.path.join(root, name + ("" if size == 256 else f"_{size}px"))
 
 
-def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=256, workers=2, poses="small"):
+def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=256, workers=2, poses="small",
+                     voices=DEFAULT_VOICES):
     """Paths of `count` synthetic clips in `synthetic_folder`, generated on first use."""
-    folder = synthetic_folder(split, count, seed, root, size, poses)
+    voices = _check_voices(voices)
+    folder = synthetic_folder(split, count, seed, root, size, poses, voices)
     paths = [os.path.join(folder, f"clip_{i:04d}.npz") for i in range(count)]
     if all(os.path.exists(p) and os.path.exists(p[:-4] + ".mp4") for p in paths):
-        check_settings(folder, seed, split, size, poses)
+        check_settings(folder, seed, split, size, poses, voices)
         return paths
-    return synth(folder, count, seed, split, size, workers, poses=poses)
+    more = {} if voices == DEFAULT_VOICES else {"voices": voices}  # the default as synth's callers always saw it
+    return synth(folder, count, seed, split, size, workers, poses=poses, **more)
 
 
 def clips_or_synthetic(folder: str | None, split: str, count: int, seed: int = 0, cache: str = "cache",
-                       poses: str = "small") -> list[str]:
+                       poses: str = "small", voices: tuple = DEFAULT_VOICES) -> list[str]:
     """The clips of `folder` (clips.clip_paths; of a prepared folder, those of `split`), or `count` synthetic
-    clips of `split` with head poses `poses` generated on first use (split "test", poses "wide": the held-out
-    posed set). poses only chooses among synthetic sets: a folder's clips are what they are."""
+    clips of `split` with head poses `poses` spoken by `voices` (voices.ENGINES) generated on first use (split
+    "test", poses "wide": the held-out posed set). poses and voices only choose among synthetic sets: a folder's
+    clips are what they are."""
     if folder is not None:
         return clips.clip_paths(folder, split if clips.is_prepared(folder) else None)
-    return ensure_synthetic(split, count, seed, root=os.path.join(cache, "synth"), poses=poses)
+    return ensure_synthetic(split, count, seed, root=os.path.join(cache, "synth"), poses=poses, voices=voices)

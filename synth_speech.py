@@ -5,7 +5,8 @@ Not part of the paper (it trains on HDTF / MEAD videos); our data generator, so 
 measured offline with exact ground truth (`synth_clips.make_clip` puts the pieces together):
 
 - speech: espeak-ng (the `espeakng-loader` wheel, through ctypes) speaks random sentences from a small grammar
-  with random voices, variants, pitch and rate; phoneme events give IPA labels and timings;
+  with random voices, variants, pitch and rate; phoneme events give IPA labels and timings. `speech_clip`'s
+  voices add other engines (flite, festival, piper and recorded prompts, `voices.py`), one drawn per clip;
 - motion: per-phoneme viseme targets (jaw opening, lip spread/rounding) with coarticulation (a zero-phase
   critically damped filter), a closure envelope that shuts the lips at bilabials and in silences, natural
   blinks and a smooth head pose (`synth_face.animate` applies them to the mesh): `pose_track`, the small sway
@@ -18,8 +19,6 @@ Time convention: frame i shows time (i + 0.5) / fps (its centre), so frame i lin
 import ctypes
 import functools
 import math
-import os
-import pickle
 import re
 import zlib
 
@@ -27,10 +26,14 @@ import espeakng_loader
 import numpy as np
 from scipy.signal import lfilter, resample_poly
 
+import voices as voice_sources
+from voices import DEFAULT_VOICES, in_fresh_process
+
 FPS = 25
 SAMPLE_RATE = 16000
 ESPEAK_RATE = 22050
 CLIP_SECONDS = (3.0, 8.0)
+OTHER_ENGINES_RMS = 3500  # int16 RMS of every utterance of the engines other than espeak-ng (about espeak's)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -104,39 +107,6 @@ def _espeak():
     return _Espeak()
 
 
-def _in_fresh_process(fn, *args):
-    """fn(*args) in a forked child, whose espeak-ng starts from the state of a never-used library.
-
-    espeak-ng keeps hidden state between utterances (the pitch flutter phase), so the same text would not
-    give the same samples twice in one process; the parent never initialises espeak, each call does.
-    """
-    if not hasattr(os, "fork"):
-        return fn(*args)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: compute, send, exit without running the parent's cleanup
-        try:
-            os.close(read_end)
-            try:
-                payload = pickle.dumps((True, fn(*args)))
-            except BaseException as err:  # noqa: BLE001 - re-raised in the parent
-                payload = pickle.dumps((False, f"{type(err).__name__}: {err}"))
-            with os.fdopen(write_end, "wb") as pipe:
-                pipe.write(payload)
-        finally:  # always exit: after an error here (a broken pipe: the parent died) this copy must not go on
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        payload = pipe.read()
-    os.waitpid(pid, 0)
-    if not payload:
-        raise RuntimeError("espeak-ng child process died without an answer")
-    ok, result = pickle.loads(payload)
-    if not ok:
-        raise RuntimeError(f"espeak-ng synthesis failed: {result}")
-    return result
-
-
 def _synthesize(text, voice, rate, pitch, pitch_range):
     wav, events = _espeak().speak(text, voice, rate, pitch, pitch_range)
     duration = len(wav) / ESPEAK_RATE
@@ -155,7 +125,7 @@ def synthesize(text, voice="en-us", rate=175, pitch=50, pitch_range=50):
     Returns (wav int16 (N,) at 22050 Hz, phonemes [(start_s, end_s, ipa), ...]) where pauses are left out,
     so the gaps between phonemes are silences. Stress marks are kept in the IPA strings.
     """
-    return _in_fresh_process(_synthesize, text, voice, rate, pitch, pitch_range)
+    return in_fresh_process(_synthesize, text, voice, rate, pitch, pitch_range)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -206,40 +176,101 @@ def sentence_pool(split, size=4000):
     return tuple(s for s in pool if _sentence_split(s) == split)
 
 
-def speech_clip(rng, split="train", seconds=None, text=None):
-    """Random multi-phrase utterance: 3-8 s of 16 kHz speech with pauses between phrases.
+def _to_rate(wav, rate, target=SAMPLE_RATE):
+    """int16 wav at `rate` resampled to `target` Hz (polyphase), rounded and clipped back to int16."""
+    if rate == target:
+        return wav
+    g = math.gcd(target, rate)
+    out = resample_poly(wav.astype(np.float64), target // g, rate // g)  # 22050 -> 16000 Hz: 320 / 441
+    return np.clip(np.round(out), -32768, 32767).astype(np.int16)
 
-    With `text`, speaks just that phrase (between short silences) and the 3-8 s limits do not apply.
-    Returns (audio int16 (N,), phonemes float32 (P, 2) start/end seconds, ipa list, text).
-    """
-    seconds = rng.uniform(*CLIP_SECONDS) if seconds is None else seconds
+
+def _level(wav, rms=OTHER_ENGINES_RMS, peak=30000):
+    """wav scaled to RMS `rms` (the other engines speak about as loud as espeak-ng), less where its loudest
+    sample would pass `peak`."""
+    x = wav.astype(np.float64)
+    if not len(x) or not x.any():
+        return wav
+    gain = min(rms / np.sqrt(np.mean(x ** 2)), peak / np.abs(x).max())
+    return np.round(x * gain).astype(np.int16)
+
+
+def _espeak_speaker(rng):
     voice = VOICES[rng.integers(len(VOICES))]
     variant = VARIANTS[rng.integers(len(VARIANTS))]
     voice = voice + ("+" + variant if variant else "")
     rate, pitch, pitch_range = rng.integers(140, 200), rng.integers(30, 75), rng.integers(30, 80)
-    pool = sentence_pool(split)
-    pieces = [np.zeros(int(rng.uniform(0.15, 0.4) * ESPEAK_RATE), np.int16)]
-    offset = len(pieces[0]) / ESPEAK_RATE
+
+    def say(sentence):
+        return synthesize(sentence, voice, rate, pitch, pitch_range) + (sentence,)
+    return say, ESPEAK_RATE
+
+
+def _speaker(rng, engine, split):
+    """(say(item) -> (wav int16 at rate, phonemes, text), rate, the split's items) of a random voice of the
+    engine: sentences of the split's pool, or for "recorded" the split's Asterisk prompts."""
+    if engine == "espeak":
+        return _espeak_speaker(rng) + (sentence_pool(split),)
+    if engine == "recorded":
+        def say(prompt):
+            wav, rate, phons = voice_sources.recorded(*prompt[1:])
+            return _level(_to_rate(wav, rate)), phons, prompt[2]
+        return say, SAMPLE_RATE, voice_sources.recorded_prompts(split)
+    speak = voice_sources.speaker(engine, rng)
+
+    def say(sentence):
+        wav, rate, phons = speak(sentence)
+        return _level(_to_rate(wav, rate)), phons, sentence
+    return say, SAMPLE_RATE, sentence_pool(split)
+
+
+def pick_engine(rng, voices=DEFAULT_VOICES, text=None):
+    """The engine of one clip: one of `voices` (voices.ENGINES), drawn from rng only when there are several;
+    with a given text, recorded speech (which says only its prompts) is not a choice."""
+    unknown = [v for v in voices if v not in voice_sources.ENGINES]
+    if unknown:
+        raise ValueError(f"unknown voice sources {unknown}; use some of {voice_sources.ENGINES}")
+    choices = [v for v in voices if text is None or v != "recorded"]
+    if not choices:
+        raise ValueError("recorded speech cannot say a given text; add a synthesiser to voices")
+    return choices[0] if len(choices) == 1 else choices[rng.integers(len(choices))]
+
+
+def spoken_clip(rng, split="train", seconds=None, text=None, voices=DEFAULT_VOICES):
+    """Random multi-phrase utterance: 3-8 s of 16 kHz speech with pauses between phrases, spoken by one engine
+    of `voices` (`pick_engine`; the default, espeak-ng alone, draws exactly what it drew before engines existed).
+
+    With `text`, speaks just that phrase (between short silences) and the 3-8 s limits do not apply. Recorded
+    speech joins a few real prompts (the split's, `voices.recorded_prompts`) with pauses.
+    Returns (audio int16 (N,), phonemes float32 (P, 2) start/end seconds, ipa list, text, engine).
+    """
+    seconds = rng.uniform(*CLIP_SECONDS) if seconds is None else seconds
+    engine = pick_engine(rng, voices, text)
+    say, rate, pool = _speaker(rng, engine, split)
+    pieces = [np.zeros(int(rng.uniform(0.15, 0.4) * rate), np.int16)]
+    offset = len(pieces[0]) / rate
     phonemes, texts = [], []
     while offset < seconds and not (text is not None and texts):
-        sentence = pool[rng.integers(len(pool))] if text is None else text
-        wav, phons = synthesize(sentence, voice, rate, pitch, pitch_range)
-        if texts and offset + len(wav) / ESPEAK_RATE > CLIP_SECONDS[1] - 0.2:
+        wav, phons, sentence = say(pool[rng.integers(len(pool))] if text is None else text)
+        if texts and offset + len(wav) / rate > CLIP_SECONDS[1] - 0.2:
             break
         texts.append(sentence)
         phonemes += [(s + offset, e + offset, ipa) for s, e, ipa in phons]
-        pause = np.zeros(int(rng.uniform(0.25, 0.7) * ESPEAK_RATE), np.int16)
+        pause = np.zeros(int(rng.uniform(0.25, 0.7) * rate), np.int16)
         pieces += [wav, pause]
-        offset += (len(wav) + len(pause)) / ESPEAK_RATE
+        offset += (len(wav) + len(pause)) / rate
     wav = np.concatenate(pieces)
-    target = int(round((offset if text is not None else np.clip(offset, *CLIP_SECONDS)) * ESPEAK_RATE))
-    wav = np.pad(wav, (0, max(0, target - len(wav))))[:target]
-    audio = resample_poly(wav.astype(np.float64), 320, 441)  # 22050 -> 16000 Hz
-    audio = np.clip(np.round(audio), -32768, 32767).astype(np.int16)
+    target = int(round((offset if text is not None else np.clip(offset, *CLIP_SECONDS)) * rate))
+    audio = _to_rate(np.pad(wav, (0, max(0, target - len(wav))))[:target], rate)
     duration = len(audio) / SAMPLE_RATE
     phonemes = [(s, min(e, duration), ipa) for s, e, ipa in phonemes if s < duration]
     times = np.array([(s, e) for s, e, _ in phonemes], np.float32).reshape(-1, 2)  # (P, 2)
-    return audio, times, [ipa for _, _, ipa in phonemes], " ".join(texts)
+    return audio, times, [ipa for _, _, ipa in phonemes], " ".join(texts), engine
+
+
+def speech_clip(rng, split="train", seconds=None, text=None, voices=DEFAULT_VOICES):
+    """`spoken_clip` without the engine: (audio int16 (N,), phonemes float32 (P, 2), ipa list, text)."""
+    return spoken_clip(rng, split, seconds, text, voices)[:4]
 
 
 # ------------------------------------------------------------------------------------------------------------

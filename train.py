@@ -52,7 +52,8 @@ from common import (EMA, TRAIN_FIELDS, SampleRandom, TrainConfig, atomic_write, 
 from dreamhead import load_model
 from l2i import L2I, L2IConfig, L2IFrames, L2ILatents, check_vae_matches
 from metrics import landmark_metrics, plot_opening, psnr
-from synth_clips import appearance_frames, clips_or_synthetic
+from neutral import NeutralFace
+from synth_clips import appearance_frames, clips_or_synthetic, voices_flag
 from vae import AutoencoderKL, FrameDataset, PatchDiscriminator, VAEConfig, discriminator_loss, mouth_weight_map, \
     vae_loss
 
@@ -107,6 +108,9 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     run.add_argument("--poses", default="small", choices=("small", "wide"), help="Head motion of the synthetic "
                      "clips: small (at most 4 degrees, as the shipped models saw) or wide (yaw +-25, pitch and roll "
                      "+-15 degrees, shifts and scale, like talking-head footage; synth_speech.wide_pose_track).")
+    run.add_argument("--voices", type=voices_flag, default="espeak", help="Speech engines of the synthetic "
+                     "training clips, comma-separated: espeak (as the shipped models heard), flite, festival, piper, "
+                     "recorded, or all installed ones (voices.py, install_voices.sh); the held-out split stays espeak.")
     run.add_argument("--cache", default="cache", help="Folder for generated data, decoded frames and latents.")
     run.add_argument("--out", default=None, help="Run folder; by default runs/<stage>.")
     run.add_argument("--resume", action="store_true", help="Continue the run from <out>/ckpt.pt.")
@@ -171,8 +175,12 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 
 def train_clips(args) -> list[str]:
-    """The training clips: --data's (a prepared folder's train split), or the synthetic training split."""
-    return clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses)
+    """The training clips: --data's (a prepared folder's train split), or the synthetic training split spoken
+    by --voices."""
+    if args.data is None:
+        print(f"synthetic training speech: {', '.join(args.voices)}")
+    return clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses,
+                              voices=args.voices)
 
 
 def eval_clips(args) -> list[str]:
@@ -308,14 +316,21 @@ class A2LStage:
         self.args, self.config, self.device = args, args.config, device
         kw = dict(context_frames=self.config.context_frames, n_mels=self.config.n_mels)
         self.train = A2LWindows(train_clips(args), self.config.window, train=True,
-                                random_frame_p=self.config.pbar_frame_prob, cache=args.cache, **kw)
+                                random_frame_p=self.config.pbar_frame_prob, cache=args.cache,
+                                augmentation=self.config.augmentation(), **kw)
         eval_paths = eval_clips(args)
         self.eval = A2LWindows(eval_paths[:4], self.config.window, train=False, **kw)  # 4 clips: a quick check
         self.residual_std = compute_residual_std(self.train)
+        c, self.neutral = self.config, None
+        if c.neutral_modes:  # P̄'s neutral face, fitted once on the training clips
+            self.neutral = NeutralFace(c.n_coords, c.neutral_modes, c.neutral_noise)
+            self.neutral.fit((clip["P"], clip["identity"]) for clip in self.train.clips)
 
     def build(self):
         model = A2L(self.config)
         model.set_residual_std(self.residual_std)
+        if self.neutral is not None:
+            model.neutral.load_state_dict(self.neutral.state_dict())
         return model
 
     def loss(self, model, batch, step):
@@ -540,11 +555,13 @@ def _train(args) -> str:
     stage = stage_runner(args, device)
     model = stage.build().to(device)
     if args.init and not args.resume:
-        try:
-            model.load_state_dict(load_checkpoint(args.init, args.stage)["ema"])
+        try:  # a checkpoint from before neutral.py lacks the neutral face: this run's fitted one stays
+            missing, unexpected = model.load_state_dict(load_checkpoint(args.init, args.stage)["ema"], strict=False)
         except RuntimeError:
+            missing, unexpected = ["?"], []
+        if unexpected or any(not k.startswith("neutral.") for k in missing):
             raise UsageError(f"--init {args.init} has another architecture than this run's config; pass the same "
-                             "--preset and model flags it was trained with") from None
+                             "--preset and model flags it was trained with")
     settings = cfg.train
     ema = EMA(model, settings.ema_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -136,3 +136,28 @@ def test_report_refuses_clips_without_sound(tmp_path):
     clips.save_clip(str(tmp_path / "clip_0"), {**clip, "has_audio": False})
     with pytest.raises(UsageError, match="has sound"):
         evaluate.main(["report", "--data", str(tmp_path), "--steps", "1"])
+
+
+def test_real_report_measures_every_pair_and_the_strip(tmp_path):
+    import json
+    import os
+    import shutil
+
+    from cli import UsageError
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, "examples", "face.png"), tmp_path / "face.png")
+    shutil.copy(os.path.join(root, "examples", "speech.wav"), tmp_path / "speech.wav")
+    evaluate.main(["real", "--inputs", str(tmp_path), "--steps", "2", "--json", str(tmp_path / "real.json"),
+                   "--strip", str(tmp_path / "strip.png")])
+    rows = json.load(open(tmp_path / "real.json"))
+    assert set(rows) == {"face.png + speech.wav", "mean"}
+    row = rows["mean"]
+    assert row["frames"] == 120 and row["detected"] > 0.9
+    assert -1 <= row["envelope_corr"] <= 1 and row["pause_ratio"] >= 0
+    assert 0 < row["sharpness"] and 0 < row["photo_sharpness"]
+    assert row["quiet_change"] < 1e-3 and 0 <= row["loud_clipped_change"] < 1     # loudness is normalised away
+    strip = cv2.imread(str(tmp_path / "strip.png"))
+    assert strip.shape[1] == 7 * (strip.shape[1] // 7)                               # photo + 6 frames
+    (tmp_path / "speech.wav").unlink()
+    with pytest.raises(UsageError, match="recording"):
+        evaluate.main(["real", "--inputs", str(tmp_path)])

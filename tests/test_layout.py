@@ -22,8 +22,8 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = {
     "cli": 0, "diffusion": 0, "common": 0,
-    "landmarks": 1, "clips": 1, "audio": 1, "metrics": 1, "fid": 1,
-    "vae": 2, "a2l": 2, "l2i": 2, "synth_speech": 2, "synth_face": 2, "synth_clips": 2,
+    "landmarks": 1, "clips": 1, "audio": 1, "metrics": 1, "fid": 1, "augment": 1, "neutral": 1,
+    "vae": 2, "a2l": 2, "l2i": 2, "synth_speech": 2, "synth_face": 2, "synth_clips": 2, "voices": 2,
     "dreamhead": 3,
     "train": 4, "sample": 4, "evaluate": 4, "bench": 4, "data": 4, "prepare": 4,
 }

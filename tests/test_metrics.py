@@ -1,4 +1,5 @@
 """metrics.py: PSNR and SSIM as scikit-image computes them, the fitted landmark errors, AV offset and silence."""
+import cv2
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -157,3 +158,30 @@ def test_dreamhead_fid_is_small_for_halves_of_a_set_and_grows_with_corruption(fa
     assert same < blurred[0] < blurred[1] < blurred[2], (same, blurred)
     assert same < noisy[0] < noisy[1] < noisy[2], (same, noisy)
     assert fid.fid(half_a, other, net) > 2 * same
+
+
+def _portrait_with_paste(blur: float):
+    """A textured photo with the face-oval hull of the canonical template, and 3 frames whose box around the mouth
+    is replaced by a copy blurred by `blur` px: (photo, frames, P_photo)."""
+    rng = np.random.default_rng(3)
+    photo = rng.integers(60, 200, (160, 160, 3)).astype(np.uint8)
+    P = landmarks.CANONICAL_TEMPLATE * 40 + np.array([80, 70, 0])                 # IOD 40 px, centred
+    x0, y0, x1, y1 = (int(v) for v in landmarks.mouth_box(P, (160, 160), 0.3))
+    frames = np.repeat(photo[None], 3, axis=0)
+    soft = cv2.GaussianBlur(photo, (0, 0), blur) if blur > 0 else photo
+    frames[:, y0:y1, x0:x1] = soft[y0:y1, x0:x1] ^ 1                                # every pixel differs
+    return photo, frames, P
+
+
+def test_mouth_sharpness_drops_with_a_blurred_paste_and_regions_do_not_overlap():
+    photo, sharp, P = _portrait_with_paste(0.0)
+    mouth, skin = metrics.sharpness_regions(sharp, photo, P)
+    assert mouth.any() and skin.any() and not (mouth & skin).any()
+    changed = (sharp[0] != photo).any(-1)
+    assert changed[mouth].all() and not changed[skin].any()
+    _, soft, _ = _portrait_with_paste(2.0)
+    sharp_ratio = metrics.mouth_sharpness(sharp, mouth, skin)
+    soft_ratio = metrics.mouth_sharpness(soft, mouth, skin)
+    assert sharp_ratio.shape == (3,) and np.all(sharp_ratio > 0.5) and np.all(soft_ratio < 0.2 * sharp_ratio)
+    with pytest.raises(ValueError, match="nothing was pasted"):
+        metrics.sharpness_regions(np.repeat(photo[None], 2, axis=0), photo, P)

@@ -206,3 +206,18 @@ def test_silent_audio_is_valid_and_gives_a_closed_mouth(tmp_path):
     P = np.load(lm)
     opening = landmarks.mouth_opening(P) / landmarks.inter_ocular(P)
     assert len(clips.read_frames(out)) == 38 and opening.max() < 0.05, opening.max()
+
+
+def test_detail_transfer_restores_the_photos_detail_where_the_render_agrees_only():
+    from dreamhead import transfer_detail
+    rng = np.random.default_rng(0)
+    photo = np.clip(128 + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8)   # grain everywhere
+    soft = cv2.GaussianBlur(photo, (0, 0), 2.0)                                       # an upscaled render of it
+    moved = soft.copy()
+    moved[26:38, 14:50] = 30                                                           # a mouth that opened
+    out = transfer_detail(moved, photo, scale=4.0)
+    grain = np.abs(out.astype(int) - photo)
+    assert grain[:, :12].mean() < 0.5 * np.abs(soft.astype(int) - photo)[:, :12].mean()  # detail is back
+    assert np.abs(out[28:36, 18:46].astype(int) - moved[28:36, 18:46]).mean() < 2            # the change stays
+    np.testing.assert_array_equal(transfer_detail(moved, photo, 4.0, strength=0.0), moved)
+    np.testing.assert_array_equal(transfer_detail(moved, photo, 4.0, keep=np.ones((64, 64), np.float32)), moved)
