@@ -58,7 +58,6 @@ def test_state_dict_round_trip_keeps_the_fit():
 
 def test_a2l_samples_from_the_neutral_face_of_its_p_bar_and_old_checkpoints_have_none():
     import a2l
-    from dreamhead import default_checkpoint, load_model
     torch.manual_seed(0)
     model = a2l.A2L(a2l.A2LConfig(width=32, pairs=1, heads=2, window=16, overlap=4, num_train_timesteps=50,
                                   sample_steps=2, neutral_modes=3)).eval()
@@ -76,5 +75,14 @@ def test_a2l_samples_from_the_neutral_face_of_its_p_bar_and_old_checkpoints_have
     model.neutral = torch.nn.Identity()
     again = model.sample_window(mel, neutral, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, again)
-    shipped = load_model(default_checkpoint("a2l"), "a2l")       # trained before neutral.py: it keeps P̄ as given
-    assert shipped.config.neutral_modes == 0 and isinstance(shipped.neutral, torch.nn.Identity)
+
+
+
+def test_a2l_checkpoints_from_before_the_neutral_face_keep_p_bar_as_given(tmp_path):
+    from dreamhead import default_checkpoint, load_model
+    ckpt = torch.load(default_checkpoint("a2l"), weights_only=False)
+    config = {k: v for k, v in ckpt["config"].items() if not k.startswith("neutral_")}
+    old = {**ckpt, "config": config, "ema": {k: v for k, v in ckpt["ema"].items() if not k.startswith("neutral.")}}
+    torch.save(old, tmp_path / "old.pt")
+    model = load_model(str(tmp_path / "old.pt"), "a2l")
+    assert model.config.neutral_modes == 0 and isinstance(model.neutral, torch.nn.Identity)
