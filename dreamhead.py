@@ -540,12 +540,12 @@ class DreamHead:
         batches, rendering = itertools.tee(plan.batches(batch))  # tee holds the one batch between the two loops
         for (start, P_canon, mouth), generated in zip(batches, self.render_crops(
                 crops, plan.source, rendering, crops[ref], ref_canon, steps, guidance, seed, workers)):  # (b, S, S, 3)
-            driving = plan.image_landmarks(start, P_canon)  # (b, 478, 3) frame px
+            driving = plan.image_landmarks(start, P_canon) if debug or detail > 0 else None  # (b, 478, 3) frame px
             out = []
             for j, g in enumerate(generated):  # paste-back touches only the mouth region of each frame
                 s = plan.source[start + j]
+                lips = (face.P[s][landmarks.LIPS_OUTER], driving[j][landmarks.LIPS_OUTER]) if detail > 0 else ()
                 # a driving-video frame without a face keeps its pixels: there is no mouth to put anything on
-                lips = (face.P[s][landmarks.LIPS_OUTER], driving[j][landmarks.LIPS_OUTER])
                 frame = paste(face.frames[s], plan.boxes[s], g, mouth[j], detail, lips) if face.usable[s] \
                     else face.frames[s]
                 out.append(debug_frame(face.frames[s], driving[j], frame) if debug else frame)

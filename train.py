@@ -555,13 +555,13 @@ def _train(args) -> str:
     stage = stage_runner(args, device)
     model = stage.build().to(device)
     if args.init and not args.resume:
-        try:  # a checkpoint from before neutral.py lacks the neutral face: this run's fitted one stays
-            missing, unexpected = model.load_state_dict(load_checkpoint(args.init, args.stage)["ema"], strict=False)
+        # a checkpoint from before neutral.py lacks the neutral face: this run's fitted one stays
+        fitted = {k: v for k, v in model.state_dict().items() if k.startswith("neutral.")}
+        try:
+            model.load_state_dict({**fitted, **load_checkpoint(args.init, args.stage)["ema"]})
         except RuntimeError:
-            missing, unexpected = ["?"], []
-        if unexpected or any(not k.startswith("neutral.") for k in missing):
             raise UsageError(f"--init {args.init} has another architecture than this run's config; pass the same "
-                             "--preset and model flags it was trained with")
+                             "--preset and model flags it was trained with") from None
     settings = cfg.train
     ema = EMA(model, settings.ema_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
