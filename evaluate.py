@@ -59,6 +59,7 @@ import landmarks
 from a2l import A2LWindows, predict_clips
 from cli import ArgumentParser, UsageError, float_flag, int_flag, nonnegative_float, run_cli, seed_flag
 from audio import SAMPLE_RATE, Speech
+from augment import loudness_copies
 from common import atomic_write, save_png, to_tensor_image, to_uint8_image
 from dreamhead import DETAIL, DreamHead, default_checkpoint, default_workers, load_face, load_model, share_cores
 from l2i import L2IFrames, L2ILatents
@@ -345,8 +346,8 @@ def motion_change(opening: np.ndarray, reference: np.ndarray) -> float:
 def loudness_variants(path: str) -> dict:
     """The recording as read, 20 dB quieter, and 10 dB louder clipped to full scale (audio.Speech each)."""
     samples, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (S, channels)
-    return {"quiet": Speech(samples * 0.1, rate, name=path),
-            "loud_clipped": Speech(np.clip(samples * 10 ** 0.5, -1.0, 1.0), rate, name=path)}
+    quiet, loud_clipped = loudness_copies(samples)
+    return {"quiet": Speech(quiet, rate, name=path), "loud_clipped": Speech(loud_clipped, rate, name=path)}
 
 
 def real_row(model, face, speech: Speech, photo: np.ndarray, args) -> tuple[dict, np.ndarray, np.ndarray]:
