@@ -99,8 +99,9 @@ def _add_fields(group, cls, defaults, prefix: str) -> None:
 
 def run_flags(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run flags (not part of the model config)")
-    run.add_argument("--data", default=None, help="Folder of training clips in the clip format (NAME.npz with "
-                     "NAME.mp4 beside it, clips.py); by default synthetic talking heads are generated into --cache.")
+    run.add_argument("--data", nargs="+", default=None, metavar="FOLDER", help="Folders of training clips in the "
+                     "clip format (NAME.npz with NAME.mp4 beside it, clips.py; of a prepared folder, its train split), "
+                     "trained on together; by default synthetic talking heads are generated into --cache.")
     run.add_argument("--eval-data", default=None, help="Folder of held-out clips; by default the synthetic test "
                      "split.")
     run.add_argument("--clips", type=int, default=64, help="Synthetic training clips to generate.")
@@ -179,14 +180,15 @@ def train_clips(args) -> list[str]:
     by --voices."""
     if args.data is None:
         print(f"synthetic training speech: {', '.join(args.voices)}")
-    return clips_or_synthetic(args.data, "train", args.clips, args.seed, args.cache, poses=args.poses,
-                              voices=args.voices)
+        return clips_or_synthetic(None, "train", args.clips, args.seed, args.cache, poses=args.poses,
+                                  voices=args.voices)
+    return [p for folder in args.data for p in clips_or_synthetic(folder, "train", args.clips)]
 
 
 def eval_clips(args) -> list[str]:
-    """The held-out clips: --eval-data's, or the test split of a prepared --data folder, or the synthetic test
-    split."""
-    folder = args.eval_data or (args.data if is_prepared(args.data) else None)
+    """The held-out clips: --eval-data's, or the test split of the first prepared --data folder, or the synthetic
+    test split."""
+    folder = args.eval_data or next((d for d in args.data or () if is_prepared(d)), None)
     return clips_or_synthetic(folder, "test", args.eval_clips, args.seed, args.cache, poses=args.poses)
 
 

@@ -61,6 +61,13 @@ def test_config_flag_help_is_the_field_sentence_and_training_settings_are_flags(
     assert args.config.train.steps == train.A2LConfig.preset("tiny").train.steps
 
 
+def test_several_data_folders_train_on_all_their_clips_and_evaluate_on_the_first_prepared_one(clip_dirs):
+    args = train.parse_args(["--stage", "a2l", "--data", clip_dirs[0], clip_dirs[1]])
+    assert train.train_clips(args) == [os.path.join(d, "clip_0000.npz") for d in clip_dirs]
+    assert train.eval_clips(train.parse_args(["--stage", "a2l", "--data", clip_dirs[0], "--eval-data",
+                                              clip_dirs[1]])) == [os.path.join(clip_dirs[1], "clip_0000.npz")]
+
+
 def test_export_takes_the_sampling_settings_of_its_command_line(tmp_path):
     config = dict(train.L2IConfig.preset("tiny").to_dict(), sample_steps=25, guidance=1.0, channels=(8, 16))
     save_checkpoint({"stage": "l2i", "config": config, "model": {}, "ema": {}, "optimizer": {}, "step": 3},
