@@ -43,7 +43,7 @@ import landmarks
 from a2l import A2L, A2LConfig
 from audio import SAMPLE_RATE, MelContext, Speech, log_mel_rows
 from cli import UsageError
-from common import atomic_write, load_checkpoint, pick_device, to_uint8_image, weights_sha1
+from common import atomic_write, load_checkpoint, pick_device, to_tensor_image, to_uint8_image, weights_sha1
 from l2i import L2I, L2IConfig, check_vae_matches, condition_images, encode_conditions, paste_back, reference_images
 from vae import AutoencoderKL, VAEConfig
 
@@ -550,6 +550,17 @@ class DreamHead:
                     else face.frames[s]
                 out.append(debug_frame(face.frames[s], driving[j], frame) if debug else frame)
             yield np.stack(out)
+
+    def round_trip(self, face: Face, crop_filter: str = "bilinear") -> np.ndarray:
+        """The first source frame with its face crop sent through the VAE alone (E then D, no L2I) and pasted back
+        in its mouth box as `render` pastes: uint8 (H, W, 3). No L2I on this VAE can show more of the mouth."""
+        box = landmarks.clip_face_boxes(face.P[:1], self.face_iod)  # (1, 3)
+        crop = landmarks.crop_faces(face.frames[:1], box, self.size, area=crop_filter == "area")  # (1, S, S, 3)
+        mouth = mouth_boxes(landmarks.to_crop(face.P[:1], box, self.size), self.size, self.l2i.config.mask_expand)
+        z = encode_conditions(self.vae, {"mask": to_tensor_image(crop).to(self.device)})["mask"]  # E's latents
+        with torch.no_grad():
+            decoded = to_uint8_image(self.vae.decode_latents(z))[0]  # (S, S, 3)
+        return paste(face.frames[0], box[0], decoded, mouth[0])
 
     # ---- the whole cascade ----------------------------------------------------------------------------
     def generate(self, audio, face, landmarks_px: np.ndarray | None = None, max_size: int = 720, steps=None,

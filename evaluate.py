@@ -388,9 +388,13 @@ def main_real(args) -> dict:
     rows, strip = {}, None
     for photo_path in photos:
         face = load_face(photo_path)
+        # the VAE's ceiling: MediaPipe's mouth opening on the photo and on its round trip through E and D alone
+        photo_opening, round_trip_opening = measured_opening(np.stack([face.frames[0], model.round_trip(face)]),
+                                                             detect_size=max(256, *face.frames.shape[1:3]))
         for voice in voices:
             name = f"{os.path.basename(photo_path)} + {os.path.basename(voice)}"
             rows[name], frames, region = real_row(model, face, Speech(voice), face.frames[0], args)
+            rows[name].update(photo_opening=float(photo_opening), round_trip_opening=float(round_trip_opening))
             strip = mouth_strip(face.frames[0], frames, region) if strip is None else strip
             print(name, rows[name], flush=True)
     rows["mean"] = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
