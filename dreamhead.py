@@ -557,8 +557,8 @@ class DreamHead:
         box = landmarks.clip_face_boxes(face.P[:1], self.face_iod)  # (1, 3)
         crop = landmarks.crop_faces(face.frames[:1], box, self.size, area=crop_filter == "area")  # (1, S, S, 3)
         mouth = mouth_boxes(landmarks.to_crop(face.P[:1], box, self.size), self.size, self.l2i.config.mask_expand)
-        z = encode_conditions(self.vae, {"mask": to_tensor_image(crop).to(self.device)})["mask"]  # E's latents
         with torch.no_grad():
+            z = self.vae.encode_latents(to_tensor_image(crop).to(self.device))  # (1, C, h, w)
             decoded = to_uint8_image(self.vae.decode_latents(z))[0]  # (S, S, 3)
         return paste(face.frames[0], box[0], decoded, mouth[0])
 
