@@ -2,6 +2,7 @@
 
     python data.py synth    --out DIR --clips N --seed S [--split train|test] [--size 256] [--workers 2]
                             [--poses small|wide] [--voices espeak,flite,festival,piper,recorded|all]
+                            [--portraits base|all]
     python data.py verify   --dir DIR [--clips 20]      the generator against its own ground truth
     python data.py sheet    --out docs/data_contact_sheet.png [--video docs/data_sample.mp4]
     python data.py poses    --out docs/poses_wide.png   extreme head poses of a few identities
@@ -13,7 +14,9 @@
 with other settings; a second run with the same ones only adds the clips that are missing. --poses small (the
 default) is the slight head sway every shipped model was trained on; wide turns heads like talking-head footage
 (synth_clips.py). --voices espeak (the default, the shipped models' speech) picks each clip's speaker from those
-engines (voices.py; `bash install_voices.sh` installs the others; all = every installed one).
+engines (voices.py; `bash install_voices.sh` installs the others; all = every installed one). --portraits all also
+draws training faces from five real photos shipped in assets/portraits/ (synth_face.py), base (the default) only
+from the two of every shipped model before them.
 
 The generator itself lives in synth_speech.py (speech and motion), synth_face.py (faces and rendering) and
 synth_clips.py (clips); the canonical template is [A2L: landmarks P]'s frontal reference (landmarks.py).
@@ -36,7 +39,7 @@ from cli import ArgumentParser, UsageError, int_flag, run_cli
 from clips import load_clip, read_frames, write_mp4
 from common import atomic_write, save_png
 from landmarks import EYE_OUTER_LEFT, EYE_OUTER_RIGHT, RIGID, detect_image, load_image_rgb
-from synth_clips import EXAMPLE, make_clip, synth, voices_flag
+from synth_clips import EXAMPLE, PORTRAITS, make_clip, synth, voices_flag
 from synth_face import render_clip
 from synth_speech import FPS, POSES, SAMPLE_RATE, articulation, bilabial_closures, pose_track, silences, speech_clip
 
@@ -342,6 +345,9 @@ def main(argv=None):
     s.add_argument("--voices", type=voices_flag, default="espeak",
                    help="speech engines, comma-separated: espeak (the default), flite, festival, piper, recorded; "
                         "all = every installed one (install_voices.sh)")
+    s.add_argument("--portraits", choices=PORTRAITS, default="base",
+                   help="base photos of the training faces: base (astronaut, Grace Hopper) or all (and the five "
+                        "real photos in assets/portraits/; training split only)")
     v = sub.add_parser("verify", help="measure detection, lip error and mouth/audio agreement")
     v.add_argument("--dir", required=True)
     v.add_argument("--clips", type=int_flag(1), default=20)
@@ -370,7 +376,7 @@ def main(argv=None):
     elif args.command == "synth":
         start = time.time()
         paths = synth(args.out, args.clips, args.seed, args.split, args.size, args.workers, poses=args.poses,
-                      voices=args.voices)
+                      voices=args.voices, portraits=args.portraits)
         frames, engines = _frames_and_voices(paths)
         elapsed = time.time() - start
         print(f"{len(paths)} clips, {frames} frames in {elapsed:.1f} s ({frames / elapsed:.1f} frames/s) -> {args.out}")

@@ -25,6 +25,11 @@ voices (`voices.ENGINES`): the speech engines a clip's speaker is drawn from, es
 bit as before), or with flite, festival, piper and real recorded prompts (`voices.py`, `install_voices.sh`). Also
 part of a folder's identity (synth.json, root/<split>_espeak+flite_<count>_<seed>/); such clips record their
 engine in the extra field "voice".
+
+portraits (`PORTRAITS`): "base", the training identities 0-15 made from two portraits (the default, bit for bit as
+before), or "all", which also draws the training clips' faces from the ten identities made from five more real
+photos (`synth_face.PORTRAIT_IDENTITIES`; root/train_portraits_<count>_<seed>/). The test split keeps its held-out
+identities either way, so "all" is for training sets only.
 """
 import argparse
 import glob
@@ -39,8 +44,8 @@ import clips
 import landmarks
 from cli import UsageError, process_pool
 from common import atomic_write
-from synth_face import EXTRA_IDENTITIES_START, TEST_IDENTITIES, TRAIN_IDENTITIES, identity_texture, render_clip, \
-    _triangulation
+from synth_face import EXTRA_IDENTITIES_START, EXTRA_PORTRAITS_START, PORTRAIT_IDENTITIES, TEST_IDENTITIES, TRAIN_IDENTITIES, \
+    identity_texture, render_clip, _triangulation
 from synth_speech import FPS, POSES, SAMPLE_RATE, articulation, blink_track, head_pose, pose_track, speech_clip, \
     spoken_clip, wide_pose_track
 from voices import DEFAULT_VOICES, check_voices, parse_voices
@@ -50,21 +55,25 @@ EXAMPLE = dict(seed=0, index=16, split="test")  # the shipped example: a held-ou
 # is refused. 1: before synth.json (the breathy voices f2, f3, f5 were not reproducible); 2: all voices are.
 GENERATOR_VERSION = 2
 SETTINGS_FILE = "synth.json"
+PORTRAITS = ("base", "all")
 
 
 def appearance_frames(identities, frames_per_identity=12, size=64, seed=0, progress=True, face_iod=0.0,
-                      poses="small"):
+                      poses="small", portraits="base"):
     """Still frames uint8 (identities * frames_per_identity, size, size, 3) of `identities` extra random
     identities (numbers from EXTRA_IDENTITIES_START: appearance drawn like identities 0-19, never one of them),
     with random speech mouth shapes, blinks and poses. Only the VAE trains on them: an autoencoder that sees 16
     faces learns those faces; it has to see many to learn to compress faces it has never seen. face_iod > 0:
     face crops with that inter-ocular fraction (landmarks.face_crop_box) instead of the rendered framing.
     poses "small": the moderate stills the shipped VAEs saw (twice the clips' small range); "wide": those of
-    wide-pose clips."""
+    wide-pose clips. portraits "all": their base photos are any of the seven portraits (synth_face), not only
+    astronaut and Grace Hopper."""
     _check_poses(poses)
+    _check_portraits(portraits, "train")
+    start = EXTRA_IDENTITIES_START if portraits == "base" else EXTRA_PORTRAITS_START
     out = []
     for k in tqdm(range(identities), desc="VAE identities", unit="id", disable=not progress):
-        identity = EXTRA_IDENTITIES_START + seed * 100_000 + k
+        identity = start + seed * 100_000 + k
         rng = np.random.default_rng([seed, identity, 2])
         audio, phonemes, ipa, _ = speech_clip(rng, "train", 2.0, None)
         art = articulation(phonemes, ipa, len(audio) / SAMPLE_RATE, audio)
@@ -89,6 +98,14 @@ def _check_poses(poses):
         raise UsageError(f"unknown poses {poses!r}; use one of {', '.join(POSES)}")
 
 
+def _check_portraits(portraits, split):
+    if portraits not in PORTRAITS:
+        raise UsageError(f"unknown portraits {portraits!r}; use one of {', '.join(PORTRAITS)}")
+    if portraits != "base" and split != "train":
+        raise UsageError(f"--portraits {portraits} adds training identities; the {split} split keeps its held-out "
+                         "ones, so leave --portraits base for it")
+
+
 def _check_voices(voices):
     """voices (voices.ENGINES, each installed) in their canonical order; else a UsageError saying what to do."""
     try:
@@ -110,21 +127,26 @@ def _voices_name(voices, sep="_"):
     return "" if tuple(voices) == DEFAULT_VOICES else sep + "+".join(voices)
 
 
-def pick_identity(rng, split):
-    """A random identity of the split: train 0-15, test 16-19 (held out)."""
+def pick_identity(rng, split, portraits="base"):
+    """A random identity of the split: train 0-15 (portraits "all": and PORTRAIT_IDENTITIES), test 16-19 (held
+    out)."""
     if split not in ("train", "test"):
         raise UsageError(f"unknown split {split!r}; use 'train' or 'test'")
-    ids = TRAIN_IDENTITIES if split == "train" else TEST_IDENTITIES
+    _check_portraits(portraits, split)
+    ids = (TRAIN_IDENTITIES + (PORTRAIT_IDENTITIES if portraits == "all" else ())) if split == "train" \
+        else TEST_IDENTITIES
     return int(ids[rng.integers(len(ids))])
 
 
-def make_clip(seed, index, split="train", size=256, seconds=None, text=None, poses="small", voices=DEFAULT_VOICES):
+def make_clip(seed, index, split="train", size=256, seconds=None, text=None, poses="small", voices=DEFAULT_VOICES,
+              portraits="base"):
     """One clip in the clip format (clips.py) plus its frames, deterministic in (seed, index, split, poses,
-    voices); poses "small" and "wide" share the identity, speech, mouth and blinks, and differ in the head track.
+    voices, portraits); poses "small" and "wide" share the identity, speech, mouth and blinks, and differ in the
+    head track.
     With voices other than the default (espeak-ng alone) the clip records the engine that spoke it ("voice")."""
     _check_poses(poses)
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
-    identity = pick_identity(rng, split)
+    identity = pick_identity(rng, split, portraits)
     audio, phonemes, ipa, text, engine = spoken_clip(rng, split, seconds, text, voices)
     duration = len(audio) / SAMPLE_RATE
     art = articulation(phonemes, ipa, duration, audio)
@@ -137,10 +159,10 @@ def make_clip(seed, index, split="train", size=256, seconds=None, text=None, pos
 
 def _synth_one(job):
     cv2.setNumThreads(1)
-    out, seed, index, split, size, poses, voices = job
+    out, seed, index, split, size, poses, voices, portraits = job
     stem = os.path.join(out, f"clip_{index:04d}")
     if not (os.path.exists(stem + ".npz") and os.path.exists(stem + ".mp4")):
-        clips.save_clip(stem, make_clip(seed, index, split, size, poses=poses, voices=voices))
+        clips.save_clip(stem, make_clip(seed, index, split, size, poses=poses, voices=voices, portraits=portraits))
     return stem + ".npz"
 
 
@@ -159,22 +181,24 @@ def _read_settings(path):
         raise UsageError(f"cannot read {path} ({err}); delete the folder or generate into another one") from None
 
 
-def check_settings(out, seed, split, size, poses="small", voices=DEFAULT_VOICES):
+def check_settings(out, seed, split, size, poses="small", voices=DEFAULT_VOICES, portraits="base"):
     """Refuse the folder `out` when its synth.json records other settings; write synth.json into a folder
     without clips. A folder with clips and no synth.json (made before the file existed) is accepted as it is:
     nothing says what it was made with; a synth.json without poses (made before wide poses) means "small",
-    one without voices (espeak-ng alone: made before other engines, or with the default, which is not written)."""
+    one without voices (espeak-ng alone: made before other engines, or with the default, which is not written),
+    one without portraits "base" (likewise)."""
     wanted = {"generator": GENERATOR_VERSION, "seed": int(seed), "split": split, "size": int(size), "poses": poses,
-              "voices": list(voices)}
+              "voices": list(voices), "portraits": portraits}
+    defaults = {"poses": "small", "voices": list(DEFAULT_VOICES), "portraits": "base"}
     path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(path):
-        found = {"poses": "small", "voices": list(DEFAULT_VOICES), **_read_settings(path)}
+        found = {**defaults, **_read_settings(path)}
         differs = [f"{key} {found.get(key)} (not {value})" for key, value in wanted.items() if found.get(key) != value]
         if differs:
             raise UsageError(f"{out} holds clips made with other settings: {', '.join(differs)} per its "
                              f"{SETTINGS_FILE}; delete the folder or generate into another one")
     elif not glob.glob(os.path.join(out, "clip_*")):
-        written = {k: v for k, v in wanted.items() if k != "voices" or tuple(voices) != DEFAULT_VOICES}
+        written = {k: v for k, v in wanted.items() if k == "poses" or v != defaults.get(k)}
 
         def write(tmp):
             with open(tmp, "w") as f:
@@ -183,22 +207,24 @@ def check_settings(out, seed, split, size, poses="small", voices=DEFAULT_VOICES)
 
 
 def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True, poses="small",
-          voices=DEFAULT_VOICES):
+          voices=DEFAULT_VOICES, portraits="base"):
     """Generate `count` clips into `out` (existing ones are kept); returns the npz paths in order.
 
     `out` records the settings in synth.json; a folder made with other settings is refused (UsageError)."""
     if count < 1 or size < 64:
         raise UsageError("need --clips >= 1 and --size >= 64")
     _check_poses(poses)
+    _check_portraits(portraits, split)
     voices = _check_voices(voices)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create {out}: {err.strerror}; choose a writable --out folder") from None
-    check_settings(out, seed, split, size, poses, voices)
-    jobs = [(out, seed, i, split, size, poses, voices) for i in range(count)]
+    check_settings(out, seed, split, size, poses, voices, portraits)
+    jobs = [(out, seed, i, split, size, poses, voices, portraits) for i in range(count)]
     paths = []
-    desc = f"synth {split}" + ("" if poses == "small" else f" {poses} poses") + _voices_name(voices, " ")
+    desc = f"synth {split}" + ("" if poses == "small" else f" {poses} poses") + _voices_name(voices, " ") + \
+        ("" if portraits == "base" else f" {portraits} portraits")
     with tqdm(total=count, desc=desc, unit="clip", disable=not progress) as bar:
         if workers <= 1:
             for job in jobs:
@@ -215,25 +241,29 @@ def synth(out, count, seed=0, split="train", size=256, workers=2, progress=True,
 
 
 def synthetic_folder(split="train", count=64, seed=0, root="cache/synth", size=256, poses="small",
-                     voices=DEFAULT_VOICES):
-    """The cache folder of a synthetic set: root/<split>_<count>_<seed>[_<size>px] for small poses and espeak-ng
-    alone (as before poses and voices existed, so those caches stay valid), with _<poses> for other poses and
-    _<engine>+<engine>... for other voices after the split (root/train_wide_espeak+piper_64_0)."""
+                     voices=DEFAULT_VOICES, portraits="base"):
+    """The cache folder of a synthetic set: root/<split>_<count>_<seed>[_<size>px] for small poses, espeak-ng
+    alone and the base portraits (as before poses, voices and portraits existed, so those caches stay valid), with
+    _<poses> for other poses, _<engine>+<engine>... for other voices and _portraits for portraits "all" after the
+    split (root/train_wide_espeak+piper_portraits_64_0)."""
     _check_poses(poses)
-    name = split + ("" if poses == "small" else f"_{poses}") + _voices_name(_check_voices(voices)) + f"_{count}_{seed}"
+    name = split + ("" if poses == "small" else f"_{poses}") + _voices_name(_check_voices(voices)) + \
+        ("" if portraits == "base" else "_portraits") + f"_{count}_{seed}"
     return os.path.join(root, name + ("" if size == 256 else f"_{size}px"))
 
 
 def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=256, workers=2, poses="small",
-                     voices=DEFAULT_VOICES):
+                     voices=DEFAULT_VOICES, portraits="base"):
     """Paths of `count` synthetic clips in `synthetic_folder`, generated on first use."""
     voices = _check_voices(voices)
-    folder = synthetic_folder(split, count, seed, root, size, poses, voices)
+    folder = synthetic_folder(split, count, seed, root, size, poses, voices, portraits)
     paths = [os.path.join(folder, f"clip_{i:04d}.npz") for i in range(count)]
     if all(os.path.exists(p) and os.path.exists(p[:-4] + ".mp4") for p in paths):
-        check_settings(folder, seed, split, size, poses, voices)
+        check_settings(folder, seed, split, size, poses, voices, portraits)
         return paths
-    more = {} if voices == DEFAULT_VOICES else {"voices": voices}  # the default as synth's callers always saw it
+    # the defaults as synth's callers always saw them
+    more = {**({} if voices == DEFAULT_VOICES else {"voices": voices}),
+            **({} if portraits == "base" else {"portraits": portraits})}
     return synth(folder, count, seed, split, size, workers, poses=poses, **more)
 
 

@@ -1,11 +1,15 @@
-"""Synthetic faces and their rendering: 20 identities made from two real portraits, a 478-point mesh animated
-with blendshapes, and a piecewise-affine warp of the portrait onto the animated mesh.
+"""Synthetic faces and their rendering: 20 identities made from two real portraits (and 10 training identities
+from five more), a 478-point mesh animated with blendshapes, and a piecewise-affine warp of the portrait onto the
+animated mesh.
 
 Not part of the paper (it trains on real videos); our data generator, whose frames come with exact landmarks:
 a real portrait (skimage's astronaut, matplotlib's Grace Hopper) is warped piecewise-affinely from its detected
 mesh to the animated mesh (vectorised: triangle ids rasterised with cv2.fillPoly, one affine map per triangle,
 cv2.remap), with a dark mouth cavity and teeth inside the inner lips; the identities differ by face shape, skin
-tone, hair colour, background, base photo and mirroring (0-15 train, 16-19 test). The mesh's index sets come
+tone, hair colour, background, base photo and mirroring (0-15 train, 16-19 test). Identities 50-59
+(`PORTRAIT_IDENTITIES`, training only, `synth_clips` portraits "all") take their base photo from the five crops of
+other people's photos in `assets/portraits/` (KPhotoAlbum's demo; `assets/portraits/SOURCES.md`), so that the
+renderer sees more real faces than two. The mesh's index sets come
 from `landmarks.py`. Landmarks are pixel coordinates (x, y) with z = MediaPipe z scaled like x. Wide head poses
 (`synth_speech.wide_pose_track`) are drawn by `render_clip`'s renderer for turning heads.
 """
@@ -27,6 +31,12 @@ NUM_IDENTITIES = 20
 TRAIN_IDENTITIES = tuple(range(16))
 TEST_IDENTITIES = tuple(range(16, 20))
 EXTRA_IDENTITIES_START = 100  # appearance-only identities for the VAE (`synth_clips.appearance_frames`), never in clips
+BASE_PORTRAITS = ("astronaut", "grace")  # the base photos of identities 0-19 and of the extras
+PORTRAITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "portraits")
+REAL_PORTRAITS = ("kphotoalbum_bar55_2", "kphotoalbum_new_wave_2", "kphotoalbum_qt_logo_a", "kphotoalbum_qt_logo_b",
+                  "kphotoalbum_anne_helene")  # assets/portraits/<name>.jpg
+PORTRAIT_IDENTITIES = tuple(range(50, 50 + 2 * len(REAL_PORTRAITS)))  # each real portrait as it is and mirrored
+EXTRA_PORTRAITS_START = 10 ** 8  # extras from here on take any of the seven portraits (synth_clips, portraits "all")
 
 
 
@@ -176,11 +186,12 @@ def head_motion(X, pose_t, centre, size):
 def _portrait(name):
     if name == "astronaut":
         return skimage.data.astronaut()
-    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+    folder = os.path.join(matplotlib.get_data_path(), "sample_data") if name == "grace" else PORTRAITS_DIR
+    path = os.path.join(folder, "grace_hopper.jpg" if name == "grace" else name + ".jpg")
     return cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2 * (len(BASE_PORTRAITS) + len(REAL_PORTRAITS)))
 def _base_photo(name, mirror):
     """(photo RGB, detected 478-point mesh px, person mask 0..1) of one base portrait."""
     photo = _portrait(name)
@@ -194,12 +205,19 @@ def _base_photo(name, mirror):
 
 
 def identity_params(identity):
-    """Deterministic appearance of identity `identity` (0..19)."""
-    if not (0 <= identity < NUM_IDENTITIES or identity >= EXTRA_IDENTITIES_START):
-        raise ValueError(f"identity must be in 0..{NUM_IDENTITIES - 1} or >= {EXTRA_IDENTITIES_START}, got {identity}")
+    """Deterministic appearance of identity `identity` (0..19, PORTRAIT_IDENTITIES, or an extra)."""
+    real = identity in PORTRAIT_IDENTITIES or identity >= EXTRA_PORTRAITS_START
+    if not (0 <= identity < NUM_IDENTITIES or real or identity >= EXTRA_IDENTITIES_START):
+        raise ValueError(f"identity must be in 0..{NUM_IDENTITIES - 1}, {PORTRAIT_IDENTITIES[0]}.."
+                         f"{PORTRAIT_IDENTITIES[-1]} or >= {EXTRA_IDENTITIES_START}, got {identity}")
     rng = np.random.default_rng(1000 + identity)
+    if identity >= EXTRA_PORTRAITS_START:
+        photos, k = BASE_PORTRAITS + REAL_PORTRAITS, identity
+    else:
+        photos, k = (REAL_PORTRAITS, identity - PORTRAIT_IDENTITIES[0]) if real else (BASE_PORTRAITS, identity)
+    photo, mirror = photos[k % len(photos)], bool((k // len(photos)) % 2)
     return {
-        "photo": ("astronaut", "grace")[identity % 2], "mirror": bool((identity // 2) % 2),
+        "photo": photo, "mirror": mirror,
         "crop_scale": rng.uniform(3.6, 4.3), "crop_dx": rng.uniform(-0.2, 0.2), "crop_dy": rng.uniform(0.1, 0.35),
         "jaw_width": rng.uniform(-0.1, 0.1), "face_length": rng.uniform(-0.07, 0.07),
         "eye_spacing": rng.uniform(-0.04, 0.04), "nose_scale": rng.uniform(-0.15, 0.15),

@@ -193,12 +193,13 @@ def eval_clips(args) -> list[str]:
 
 
 def extra_identity_frames(identities: int, size: int, seed: int, cache: str, face_iod: float = 0.0,
-                          poses: str = "small") -> np.ndarray:
+                          poses: str = "small", portraits: str = "base") -> np.ndarray:
     """synth_clips.appearance_frames (12 stills of each of `identities` extra random identities), cached as .npy."""
-    framing = (f"_iod{face_iod:g}" if face_iod else "") + ("" if poses == "small" else f"_{poses}")
+    framing = (f"_iod{face_iod:g}" if face_iod else "") + ("" if poses == "small" else f"_{poses}") + \
+        ("" if portraits == "base" else f"_portraits_{portraits}")
     path = os.path.join(cache, "frames", f"identities_{identities}_{size}_{seed}{framing}.npy")
     if not os.path.exists(path):
-        frames = appearance_frames(identities, 12, size, seed, face_iod=face_iod, poses=poses)
+        frames = appearance_frames(identities, 12, size, seed, face_iod=face_iod, poses=poses, portraits=portraits)
         atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), frames))
     return np.load(path)
 
@@ -223,7 +224,8 @@ class VAEStage:
             for w in (self.config.mouth_weight, self.config.disc_mouth_weight))
         if self.config.extra_identities:  # read beside the clips' frames (FrameDataset), never copied into RAM
             frames = [frames, extra_identity_frames(self.config.extra_identities, stored, args.seed, args.cache,
-                                                    self.config.face_iod, args.poses)]
+                                                    self.config.face_iod, args.poses,
+                                                    self.config.extra_portraits)]
         self.train = FrameDataset(frames, hflip=self.config.hflip, colour_jitter=self.config.colour_jitter,
                                   natural_mix=self.config.natural_mix, seed=args.seed,
                                   crop_scale=self.config.crop_scale, size=size)

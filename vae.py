@@ -83,6 +83,9 @@ class VAEConfig(Config):
                                   "held-out faces bring colours unseen in training).")
     extra_identities: int = option(0, "Extra random synthetic identities rendered for the VAE only (our guess: "
                                    "16 faces get memorised, new faces need many faces).")
+    extra_portraits: str = option("base", "Base photos of the extra identities: base (astronaut, Grace Hopper) or all "
+                                  "(and the five real photos of assets/portraits/; our guess: real faces come "
+                                  "closer to users' photos than two recoloured ones).")
     crop_scale: float = option(1.0, "Random resized crops with a side in [crop_scale, 1] of the frame, from frames "
                                "stored at twice the resolution; 1 turns them off (our guess).")
     natural_mix: float = option(0.0, "Fraction of each batch replaced by random crops of the photos shipped with "

@@ -215,6 +215,39 @@ def test_identity_splits_are_disjoint():
         synth_clips.pick_identity(rng, "val")
 
 
+def test_real_portraits_add_training_faces_and_keep_the_test_split(tmp_path):
+    """portraits "all" draws training clips from identities 0-15 and the ten made from assets/portraits/; the
+    held-out split refuses it; the rendered faces of those portraits are found and their lips recovered."""
+    rng = np.random.default_rng(0)
+    drawn = {synth_clips.pick_identity(rng, "train", "all") for _ in range(600)}
+    assert drawn == set(synth_face.TRAIN_IDENTITIES) | set(synth_face.PORTRAIT_IDENTITIES)
+    assert not set(synth_face.PORTRAIT_IDENTITIES) & set(synth_face.TEST_IDENTITIES)
+    with pytest.raises(UsageError, match="held-out"):
+        synth_clips.pick_identity(rng, "test", "all")
+    with pytest.raises(UsageError, match="unknown portraits"):
+        synth_clips.pick_identity(rng, "train", "many")
+    photos = {synth_face.identity_params(i)["photo"] for i in synth_face.PORTRAIT_IDENTITIES}
+    assert photos == set(synth_face.REAL_PORTRAITS)
+    art = np.array([[0.0, 0.0], [0.9, 0.1]], np.float32)
+    for identity in synth_face.PORTRAIT_IDENTITIES[::3]:  # a broad smile's photo (53) reads worst: 6-11 % IOD
+        frames, meshes = synth_face.render_clip(identity, art, np.zeros(2, np.float32), np.zeros((2, 5), np.float32))
+        errors = [landmarks.lip_lmd(landmarks.detect_image(f), gt) / landmarks.inter_ocular(gt) for f, gt in
+                  zip(frames, meshes)]
+        assert np.mean(errors) < 0.09
+    root = str(tmp_path)
+    folder = synth_clips.synthetic_folder("train", 8, 0, root, 64, portraits="all")
+    assert folder == os.path.join(root, "train_portraits_8_0_64px")
+    data.main(["synth", "--out", folder, "--clips", "1", "--size", "64", "--workers", "1", "--portraits", "all"])
+    assert json.load(open(os.path.join(folder, synth_clips.SETTINGS_FILE)))["portraits"] == "all"
+    with pytest.raises(UsageError, match=r"portraits all \(not base\)"):
+        synth_clips.synth(folder, 1, size=64, workers=1, progress=False)
+    extras = synth_clips.appearance_frames(7, 1, 32, seed=0, progress=False, portraits="all")
+    assert not np.array_equal(extras[:2], synth_clips.appearance_frames(2, 1, 32, seed=0, progress=False))
+    first = synth_face.EXTRA_PORTRAITS_START
+    assert {synth_face.identity_params(first + k)["photo"] for k in range(7)} == \
+        set(synth_face.BASE_PORTRAITS + synth_face.REAL_PORTRAITS)
+
+
 def test_mediapipe_finds_rendered_face_and_lips():
     art = np.array([[0.0, 0.0], [0.9, 0.1]], np.float32)
     frames, meshes = synth_face.render_clip(17, art, np.zeros(2, np.float32), np.zeros((2, 5), np.float32), 256)
