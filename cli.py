@@ -7,6 +7,7 @@ answer before torch or MediaPipe load). Not a box of the paper's figure.
 * `ArgumentParser`: argparse whose errors are UsageErrors (one line, not a usage block).
 * Flag types that check a value before any work starts: `int_flag`, `float_flag`, `odd_window`, `seed_flag`.
 * `process_pool`: worker processes that end with their parent however it ends, and leave Ctrl-C to it.
+* `print_rows`: an entry point's measures as a plain table on stdout.
 """
 from __future__ import annotations
 
@@ -169,3 +170,13 @@ def worker_init(parent: int, then=None, *args) -> None:
 def process_pool(workers: int, then=None, *args):
     """A spawn-context multiprocessing.Pool of `workers` processes started by worker_init (then(*args) in each)."""
     return multiprocessing.get_context("spawn").Pool(workers, worker_init, (os.getpid(), then, *args))
+
+
+def print_rows(rows: dict) -> None:
+    """{name: {measure: value}} as a table on stdout, a column per measure any row has (- where a row lacks it)."""
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))  # every row's keys, first seen first
+    widths = [max(len(k), 8) + 2 for k in keys]
+    print(f"{'':<16}" + "".join(f"{k:>{w}}" for k, w in zip(keys, widths)))
+    for name, r in rows.items():
+        print(f"{name:<16}" + "".join(f"{r[k]:>{w}.3f}" if isinstance(r.get(k), float) else f"{r.get(k, '-'):>{w}}"
+                                      for k, w in zip(keys, widths)))

@@ -16,7 +16,8 @@ A2L ([A2L: P_0]), in canonical space (units of inter-ocular distance, IOD):
   with P̄ from one photo, as sample.py runs it (`*_photo`: the canonical mesh of the clip's first frame, whose
   mouth may be open), beside repeating that first frame (`repeat_frame0`).
 
-VAE ([L2I: E], [L2I: D]): PSNR of reconstructions over the whole frame and inside the mouth box.
+VAE ([L2I: E], [L2I: D]): PSNR of reconstructions over the whole frame and inside the mouth box, and on the face
+crops of real photos (`--real`, examples/real) MediaPipe's mouth opening before and after E -> D.
 
 L2I ([L2I: eps_theta]), frames rendered from the ground-truth landmarks of held-out clips with a reference frame
 tau_max frames earlier (so its mouth differs):
@@ -57,15 +58,16 @@ import clips
 import fid
 import landmarks
 from a2l import A2LWindows, predict_clips
-from cli import ArgumentParser, UsageError, float_flag, int_flag, nonnegative_float, run_cli, seed_flag
+from cli import ArgumentParser, UsageError, float_flag, int_flag, nonnegative_float, print_rows, run_cli, \
+    seed_flag
 from audio import SAMPLE_RATE, Speech
 from augment import loudness_copies
 from common import atomic_write, save_png, to_tensor_image, to_uint8_image
 from dreamhead import DETAIL, DreamHead, default_checkpoint, default_workers, load_face, load_model, share_cores
 from l2i import L2IFrames, L2ILatents
-from metrics import UPSCALE, av_offset, canonical_jitter, corr, corr_by_identity, detect_landmarks, fitted_errors, \
-    image_scores, landmark_metrics, measured_opening, mouth_sharpness, nan_corr, opening_per_iod, plot_opening, psnr, \
-    sharpness_regions, silence_ratio, speech_envelope
+from metrics import UPSCALE, av_offset, canonical_jitter, corr, corr_by_identity, detect_landmarks, finite_mean, \
+    fitted_errors, fitted_lip_error, image_scores, landmark_metrics, measured_opening, motion_change, mouth_sharpness, \
+    nan_corr, opening_per_iod, plot_opening, psnr, sharpness_regions, silence_ratio, speech_envelope
 from synth_clips import appearance_frames, clips_or_synthetic
 
 FID_STILLS = 16  # stills per identity that train the DreamHead-FID network
@@ -181,13 +183,6 @@ def _named(specs: list[str]) -> dict:
     return dict(s.split("=", 1) if "=" in s else (os.path.basename(os.path.dirname(s)) or s, s) for s in specs)
 
 
-def print_rows(rows: dict) -> None:
-    keys = list(next(iter(rows.values())))
-    widths = [max(len(k), 8) + 2 for k in keys]
-    print(f"{'':<16}" + "".join(f"{k:>{w}}" for k, w in zip(keys, widths)))
-    for name, r in rows.items():
-        print(f"{name:<16}" + "".join(f"{r[k]:>{w}.3f}" if isinstance(r[k], float) else f"{r[k]:>{w}}"
-                                      for k, w in zip(keys, widths)))
 
 
 def main_vae(args) -> dict:
@@ -199,7 +194,26 @@ def main_vae(args) -> dict:
     opening = np.array([landmarks.mouth_opening(p) / landmarks.inter_ocular(p) for p in P])
     identity = np.repeat(*clip_identities(paths))
     identity = identity if len(identity) == len(P) else None  # a video shorter than its landmarks: no split
-    return {"vae": evaluate_vae(vae, frames, masks, opening, identity, upscale=args.upscale)}
+    rows = {"vae": evaluate_vae(vae, frames, masks, opening, identity, upscale=args.upscale)}
+    if args.real:
+        rows.update(real_round_trips(vae, real_inputs(args.real)[0], args.upscale))
+    return rows
+
+
+def real_round_trips(vae, photos: list[str], upscale: str = "cubic") -> dict:
+    """The VAE's ceiling on real faces, a row per photo: its face crop (the VAE's framing) through E and D alone,
+    PSNR and MediaPipe's mouth opening (/ IOD) before and after. No L2I on this VAE shows a mouth that D loses."""
+    size, rows = vae.config.resolution, {}
+    for path in photos:
+        face = load_face(path)
+        box = landmarks.face_crop_box(face.P[0], vae.config.face_iod or landmarks.FACE_IOD_FRACTION)  # (3,)
+        crop = landmarks.crop_faces(face.frames[:1], box[None], size)  # (1, S, S, 3)
+        mask = landmarks.mouth_mask(landmarks.to_crop(face.P[0], box, size), (size, size))[None]  # (1, S, S)
+        rec = to_uint8_image(reconstruct(vae, to_tensor_image(crop)))  # (1, S, S, 3)
+        before, after = measured_opening(np.concatenate([crop, rec]), upscale=upscale)
+        rows[os.path.basename(path)] = {**evaluate_vae(vae, crop, mask), "opening_crop": float(before),
+                                        "opening_rec": float(after)}
+    return rows
 
 
 def main_l2i(args) -> dict:
@@ -226,13 +240,6 @@ def user_inputs(clip: dict, folder: str) -> tuple[str, str]:
     save_png(face, clips.read_frames(clip["video"])[0])
     soundfile.write(wav, clip["audio"], clip["sample_rate"])
     return face, wav
-
-
-def fitted_lip_error(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per frame: the lip error (in IOD) and the mouth opening (in IOD) of `pred` (T, 478, 3) after a similarity
-    fit of its non-lip points onto the truth's (metrics.fitted_errors), so head pose and framing do not count."""
-    lip, _, fitted = fitted_errors(pred, truth)
-    return lip, landmarks.mouth_opening(fitted) / landmarks.inter_ocular(truth)
 
 
 def main_photo(args) -> dict:
@@ -336,11 +343,6 @@ def real_inputs(folder: str) -> tuple[list[str], list[str]]:
         raise UsageError(f"{folder} needs at least one photo (png/jpg) and one recording (wav/flac); the shipped "
                          "set is examples/real")
     return photos, voices
-
-
-def motion_change(opening: np.ndarray, reference: np.ndarray) -> float:
-    """Mean |opening - reference| over the reference's range (max - min): how far lip motion moved."""
-    return float(np.abs(opening - reference).mean() / max(np.ptp(reference), 1e-9))
 
 
 def loudness_variants(path: str) -> dict:
@@ -449,12 +451,6 @@ def sequence_row(pred: np.ndarray, truth: np.ndarray, envelope: np.ndarray | Non
         row.update(av_offset_frames=lag, av_offset_abs_frames=abs(lag), av_corr=r,
                    silence_ratio=silence_ratio(measured, envelope, fps))
     return row
-
-
-def finite_mean(x: np.ndarray) -> float:
-    """The mean of the finite values (NaN when there is none)."""
-    x = np.asarray(x, np.float64)
-    return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
 
 
 def without_detection(row: dict) -> dict:
@@ -631,6 +627,8 @@ def parse_args(argv=None):
     a.add_argument("--plot", default=None, help="PNG of predicted against true mouth opening of the first clip.")
     v = sub.add_parser("vae", help="reconstruction PSNR (frame, mouth box) on held-out clips")
     v.add_argument("--ckpt", default="runs/vae/ckpt.pt", help="The VAE checkpoint.")
+    v.add_argument("--real", default="examples/real", help="Folder of real photos whose face crops also go through "
+                   "the VAE (PSNR, MediaPipe's mouth opening on crop and reconstruction); '' skips them.")
     i = sub.add_parser("l2i", help="mouth PSNR vs copy-the-reference and MediaPipe opening on held-out clips")
     i.add_argument("--ckpt", nargs="+", default=["runs/l2i/ckpt.pt"], help="L2I checkpoints, name=path or path.")
     i.add_argument("--vae", default="runs/vae/ckpt.pt", help="The VAE the L2I checkpoints were trained on.")

@@ -233,6 +233,13 @@ def fitted_errors(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.n
     return landmarks.lip_lmd(fitted, truth) / iod, face, fitted
 
 
+def fitted_lip_error(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the lip error (in IOD) and the mouth opening (in IOD) of `pred` (T, 478, 3) after a similarity
+    fit of its non-lip points onto the truth's (metrics.fitted_errors), so head pose and framing do not count."""
+    lip, _, fitted = fitted_errors(pred, truth)
+    return lip, landmarks.mouth_opening(fitted) / landmarks.inter_ocular(truth)
+
+
 def canonical_jitter(P: np.ndarray) -> float:
     """Jitter (landmarks.jitter: mean |second difference over time|) of a sequence (T, 478, 3) in canonical units
     (IOD = 1, head pose removed), over the frame triples where all three frames are finite (detected)."""
@@ -350,3 +357,14 @@ def mouth_sharpness(frames: np.ndarray, mouth: np.ndarray, skin: np.ndarray) -> 
     scores far below its surroundings."""
     energy = detail_energy(frames)  # (T, H, W)
     return energy[:, mouth].mean(axis=1) / np.maximum(energy[:, skin].mean(axis=1), 1e-12)
+
+
+def motion_change(opening: np.ndarray, reference: np.ndarray) -> float:
+    """Mean |opening - reference| over the reference's range (max - min): how far lip motion moved."""
+    return float(np.abs(opening - reference).mean() / max(np.ptp(reference), 1e-9))
+
+
+def finite_mean(x: np.ndarray) -> float:
+    """The mean of the finite values (NaN when there is none)."""
+    x = np.asarray(x, np.float64)
+    return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")

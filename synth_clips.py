@@ -268,11 +268,13 @@ def ensure_synthetic(split="train", count=64, seed=0, root="cache/synth", size=2
 
 
 def clips_or_synthetic(folder: str | None, split: str, count: int, seed: int = 0, cache: str = "cache",
-                       poses: str = "small", voices: tuple = DEFAULT_VOICES) -> list[str]:
+                       poses: str = "small", voices: tuple = DEFAULT_VOICES, portraits: str = "base") -> list[str]:
     """The clips of `folder` (clips.clip_paths; of a prepared folder, those of `split`), or `count` synthetic
-    clips of `split` with head poses `poses` spoken by `voices` (voices.ENGINES) generated on first use (split
-    "test", poses "wide": the held-out posed set). poses and voices only choose among synthetic sets: a folder's
-    clips are what they are."""
+    clips of `split` with head poses `poses` spoken by `voices` (voices.ENGINES), faces from `portraits`
+    (PORTRAITS; "all" for the training split only), generated on first use (split "test", poses "wide": the
+    held-out posed set). poses, voices and portraits only choose among synthetic sets: a folder's clips are what
+    they are."""
     if folder is not None:
         return clips.clip_paths(folder, split if clips.is_prepared(folder) else None)
-    return ensure_synthetic(split, count, seed, root=os.path.join(cache, "synth"), poses=poses, voices=voices)
+    return ensure_synthetic(split, count, seed, root=os.path.join(cache, "synth"), poses=poses, voices=voices,
+                            portraits=portraits)

@@ -53,7 +53,7 @@ from dreamhead import load_model
 from l2i import L2I, L2IConfig, L2IFrames, L2ILatents, check_vae_matches
 from metrics import landmark_metrics, plot_opening, psnr
 from neutral import NeutralFace
-from synth_clips import appearance_frames, clips_or_synthetic, voices_flag
+from synth_clips import PORTRAITS, appearance_frames, clips_or_synthetic, voices_flag
 from vae import AutoencoderKL, FrameDataset, PatchDiscriminator, VAEConfig, discriminator_loss, mouth_weight_map, \
     vae_loss
 
@@ -112,6 +112,10 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     run.add_argument("--voices", type=voices_flag, default="espeak", help="Speech engines of the synthetic "
                      "training clips, comma-separated: espeak (as the shipped models heard), flite, festival, piper, "
                      "recorded, or all installed ones (voices.py, install_voices.sh); the held-out split stays espeak.")
+    run.add_argument("--portraits", default="base", choices=PORTRAITS, help="Base photos of the synthetic training "
+                     "clips' faces: base (astronaut, Grace Hopper, as the shipped models before the portrait VAE saw) "
+                     "or all (and the five real photos of assets/portraits/; synth_face.PORTRAIT_IDENTITIES); the "
+                     "held-out split keeps its identities.")
     run.add_argument("--cache", default="cache", help="Folder for generated data, decoded frames and latents.")
     run.add_argument("--out", default=None, help="Run folder; by default runs/<stage>.")
     run.add_argument("--resume", action="store_true", help="Continue the run from <out>/ckpt.pt.")
@@ -181,7 +185,7 @@ def train_clips(args) -> list[str]:
     if args.data is None:
         print(f"synthetic training speech: {', '.join(args.voices)}")
         return clips_or_synthetic(None, "train", args.clips, args.seed, args.cache, poses=args.poses,
-                                  voices=args.voices)
+                                  voices=args.voices, portraits=args.portraits)
     return [p for folder in args.data for p in clips_or_synthetic(folder, "train", args.clips)]
 
 

@@ -2,6 +2,7 @@
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 import landmarks
@@ -82,12 +83,12 @@ def test_fitted_lip_error_ignores_head_pose_and_sees_the_mouth():
     truth = np.repeat(landmarks.CANONICAL_TEMPLATE[None].astype(np.float64) * 60 + 100, 3, axis=0)  # (3, 478, 3)
     R = Rotation.from_euler("xyz", [5, 20, -10], degrees=True).as_matrix()
     moved = 1.3 * truth @ R.T + np.array([15.0, -7.0, 3.0])
-    error, opening = evaluate.fitted_lip_error(moved, truth)
+    error, opening = metrics.fitted_lip_error(moved, truth)
     assert error.max() < 1e-6
     np.testing.assert_allclose(opening, landmarks.mouth_opening(truth) / landmarks.inter_ocular(truth), atol=1e-6)
     opened = moved.copy()
     opened[:, landmarks.LOWER_INNER, 1] += 10.0  # the lower lip drops
-    assert evaluate.fitted_lip_error(opened, truth)[0].min() > 0.01
+    assert metrics.fitted_lip_error(opened, truth)[0].min() > 0.01
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,24 @@ def test_real_report_measures_every_pair_and_the_strip(tmp_path):
     (tmp_path / "speech.wav").unlink()
     with pytest.raises(UsageError, match="recording"):
         evaluate.main(["real", "--inputs", str(tmp_path)])
+
+
+class _PoolingVAE(_LosslessVAE):
+    """Averages k x k blocks: a VAE that loses fine detail (k = 1: lossless). Framed like the rendered frames."""
+
+    def __init__(self, k: int):
+        self.k, self.config = k, VAEConfig()
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(z, self.k), scale_factor=self.k,
+                                               mode="bilinear") if self.k > 1 else z
+
+
+def test_real_round_trips_report_the_mouth_opening_a_vae_keeps_on_a_real_photo():
+    photos, _ = evaluate.real_inputs("examples/real")
+    jesper = [p for p in photos if "jesper" in p]  # the photo whose mouth is open
+    lossless = evaluate.real_round_trips(_PoolingVAE(1), jesper)["kphotoalbum_jesper.jpg"]
+    assert lossless["opening_crop"] > 0.08 and lossless["opening_rec"] == pytest.approx(lossless["opening_crop"])
+    assert lossless["psnr"] > 60
+    blurred = evaluate.real_round_trips(_PoolingVAE(4), jesper)["kphotoalbum_jesper.jpg"]  # 4 x 4 blocks: 21 dB
+    assert blurred["psnr"] < 25 and blurred["opening_rec"] < 0.5 * lossless["opening_crop"]  # the mouth closes

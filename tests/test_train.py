@@ -51,6 +51,16 @@ def test_flags_default_to_the_preset_and_override_fields():
     assert args.config.resolution == VAEConfig.preset("paper").resolution
 
 
+def test_portraits_flag_picks_the_synthetic_training_set_and_leaves_the_held_out_one(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "clips_or_synthetic", lambda *a, **k: calls.append((a, k)) or [])
+    args = train.parse_args(["--stage", "l2i", "--portraits", "all", "--cache", str(tmp_path)])
+    train.train_clips(args), train.eval_clips(args)
+    assert calls[0][1]["portraits"] == "all" and calls[0][0][1] == "train"
+    assert "portraits" not in calls[1][1] and calls[1][0][1] == "test"
+    assert train.parse_args(["--stage", "vae"]).portraits == "base"
+
+
 def test_config_flag_help_is_the_field_sentence_and_training_settings_are_flags():
     helps = {a.dest: a.help for a in train.build_parser("l2i")._actions}
     assert helps["cfg_conditioning"].startswith("How the conditions meet z_t")
