@@ -231,8 +231,8 @@ class VAEStage:
                                                     self.config.face_iod, args.poses,
                                                     self.config.extra_portraits)]
         self.train = FrameDataset(frames, hflip=self.config.hflip, colour_jitter=self.config.colour_jitter,
-                                  natural_mix=self.config.natural_mix, seed=args.seed,
-                                  crop_scale=self.config.crop_scale, size=size)
+                                  natural_mix=self.config.natural_mix, natural_dir=self.config.natural_dir,
+                                  seed=args.seed, crop_scale=self.config.crop_scale, size=size)
         e_paths = eval_clips(args)
         e_frames, e_lmks = clip_frames(e_paths, size, args.cache, self.config.face_iod)
         pick = np.linspace(0, len(e_frames) - 1, min(256, len(e_frames))).astype(int)

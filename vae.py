@@ -25,6 +25,8 @@ SD-VAE widths, GPU). Also here: the VAE's training data (`FrameDataset` with its
 """
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass
 
 import cv2
@@ -35,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import landmarks
+from cli import UsageError
 from common import Config, SampleRandom, TrainConfig, option, to_tensor_image, train_settings
 from diffusion import SelfAttention
 
@@ -90,6 +93,9 @@ class VAEConfig(Config):
                                "stored at twice the resolution; 1 turns them off (our guess).")
     natural_mix: float = option(0.0, "Fraction of each batch replaced by random crops of the photos shipped with "
                                 "scikit-image (our guess: SD's VAE generalises because it saw generic images).")
+    natural_dir: str = option("", "A folder of your own photographs (jpg, png, webp, searched recursively) whose random "
+                              "crops join scikit-image's in the natural mix (our guess: generic photos teach generic "
+                              "compression, e.g. Debian's plasma-workspace-wallpapers).")
     face_iod: float = option(0.0, "Framing: 0 keeps the frames as rendered (eyes 0.263 of the side apart), a value "
                              "> 0 cuts face crops with the eyes that fraction apart (landmarks.face_crop_box).")
     train: TrainConfig = train_settings()
@@ -514,7 +520,8 @@ class FrameDataset(torch.utils.data.Dataset):
     loss, which draws the rest of the sample's randomness from it."""
 
     def __init__(self, frames, hflip: bool = False, colour_jitter: float = 0.0,
-                 natural_mix: float = 0.0, seed: int = 0, crop_scale: float = 1.0, size: int | None = None):
+                 natural_mix: float = 0.0, seed: int = 0, crop_scale: float = 1.0, size: int | None = None,
+                 natural_dir: str = ""):
         self.sources = list(frames) if isinstance(frames, (list, tuple)) else [frames]
         for f in self.sources:
             if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3 or f.shape[1:] != self.sources[0].shape[1:]:
@@ -527,7 +534,7 @@ class FrameDataset(torch.utils.data.Dataset):
         self.natural_mix = natural_mix
         self.size = size or self.sources[0].shape[1]  # output side; frames may be stored larger for crop_scale < 1
         self.crop_scale = crop_scale
-        self.natural = natural_crops(self.size, 4096, seed) if natural_mix > 0 else None
+        self.natural = natural_crops(self.size, 4096, seed, natural_dir) if natural_mix > 0 else None
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -574,11 +581,12 @@ NATURAL_IMAGES = ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohis
                   "brick", "camera", "coins", "grass", "gravel", "moon", "clock", "horse", "page", "text", "cat", "logo")
 
 
-def natural_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
+def natural_crops(size: int, count: int, seed: int = 0, folder: str = "") -> np.ndarray:
     """count random square crops (count, size, size, 3) uint8 of the photos that ship inside scikit-image
-    (no download), at random scales; grayscale photos get a random tint so every colour is covered."""
+    (no download) and of those in `folder` (if given), at random scales; grayscale photos get a random tint so
+    every colour is covered."""
     rng = np.random.default_rng(seed)
-    photos = []  # (RGB image, whether it was grayscale)
+    photos = [(img, False) for img in folder_photos(folder)] if folder else []  # (RGB image, whether grayscale)
     for name in NATURAL_IMAGES:
         img = np.asarray(getattr(skimage.data, name)())
         if img.dtype == bool:
@@ -594,6 +602,19 @@ def natural_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
         tint = rng.uniform(0.3, 1.0, 3) if gray else np.ones(3)
         out[k] = np.clip(crop * tint, 0, 255).astype(np.uint8)
     return out
+
+
+def folder_photos(folder: str) -> list[np.ndarray]:
+    """The photographs (jpg, jpeg, png, webp) under `folder`, RGB uint8, in sorted path order; UsageError when there
+    are none."""
+    paths = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                   if p.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))
+    photos = [cv2.imread(p, cv2.IMREAD_COLOR) for p in paths]
+    photos = [img[..., ::-1] for img in photos if img is not None and min(img.shape[:2]) >= 64]
+    if not photos:
+        raise UsageError(f"{folder} holds no readable photo of at least 64 px (jpg, png, webp); give a folder of "
+                         "photographs to --natural-dir, or leave it empty")
+    return photos
 
 
 def jitter_colours(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 import json
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -387,3 +388,21 @@ def test_random_crops_cut_squares_of_the_stored_frame_and_resize_them():
     assert crops.shape == (64, 3, 16, 16)
     fraction_white = (crops > 0).float().mean((1, 2, 3))
     assert (fraction_white == 0).any() and (fraction_white == 1).any()  # small crops inside one half
+
+
+def test_natural_crops_also_come_from_a_folder_of_photos(tmp_path):
+    from cli import UsageError
+    from vae import natural_crops
+    (tmp_path / "sub").mkdir()
+    red = np.zeros((80, 120, 3), np.uint8)
+    red[..., 2] = 255  # BGR on disk: pure red
+    cv2.imwrite(str(tmp_path / "sub" / "red.png"), red)
+    cv2.imwrite(str(tmp_path / "tiny.jpg"), red[:32, :32])  # under 64 px: left out
+    (tmp_path / "notes.txt").write_text("not a photo")
+    def pure_red(crops):
+        return ((crops[..., 0] == 255).all(axis=(1, 2)) & (crops[..., 1:] == 0).all(axis=(1, 2, 3))).sum()
+    assert 0 < pure_red(natural_crops(16, 400, seed=0, folder=str(tmp_path))) < 400  # beside scikit-image's, RGB
+    assert pure_red(natural_crops(16, 400, seed=0)) == 0
+    (tmp_path / "sub" / "red.png").unlink()
+    with pytest.raises(UsageError, match="no readable photo"):
+        natural_crops(16, 4, folder=str(tmp_path))
