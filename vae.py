@@ -93,9 +93,9 @@ class VAEConfig(Config):
                                "stored at twice the resolution; 1 turns them off (our guess).")
     natural_mix: float = option(0.0, "Fraction of each batch replaced by random crops of the photos shipped with "
                                 "scikit-image (our guess: SD's VAE generalises because it saw generic images).")
-    natural_dir: str = option("", "A folder of your own photographs (jpg, png, webp, searched recursively) whose random "
-                              "crops join scikit-image's in the natural mix (our guess: generic photos teach generic "
-                              "compression, e.g. Debian's plasma-workspace-wallpapers).")
+    natural_dir: str = option("", "A folder of your own photographs (jpg, png, webp, searched recursively) whose "
+                              "random crops join scikit-image's in the natural mix (our guess: generic photos teach "
+                              "generic compression, e.g. Debian's plasma-workspace-wallpapers).")
     face_iod: float = option(0.0, "Framing: 0 keeps the frames as rendered (eyes 0.263 of the side apart), a value "
                              "> 0 cuts face crops with the eyes that fraction apart (landmarks.face_crop_box).")
     train: TrainConfig = train_settings()
