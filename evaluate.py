@@ -116,13 +116,18 @@ def evaluate_vae(vae, frames: np.ndarray, masks: np.ndarray, opening=None, ident
     ceiling of the L2I's opening correlation: L2I renders through this decoder), per identity (N,) if given."""
     x = to_tensor_image(np.asarray(frames))  # (N, 3, S, S)
     rec = reconstruct(vae, x, batch)
-    m = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # (N, 1, S, S)
-    row = {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
+    row = psnr_row(rec, x, masks)
     if opening is not None:
         measured, opening = measured_opening(to_uint8_image(rec), upscale=upscale), np.asarray(opening)
         row["opening_corr"] = nan_corr(measured, opening)
         row.update(corr_by_identity(measured, opening, identity))
     return row
+
+
+def psnr_row(rec: torch.Tensor, x: torch.Tensor, masks: np.ndarray) -> dict:
+    """Frame count and PSNR of reconstructions rec against x (N, 3, S, S), whole and inside masks (N, S, S)."""
+    m = torch.from_numpy(np.asarray(masks, np.float32))[:, None]  # (N, 1, S, S)
+    return {"frames": len(x), "psnr": psnr(rec, x), "psnr_mouth": psnr(rec, x, mask=m)}
 
 
 @torch.no_grad()
@@ -183,8 +188,6 @@ def _named(specs: list[str]) -> dict:
     return dict(s.split("=", 1) if "=" in s else (os.path.basename(os.path.dirname(s)) or s, s) for s in specs)
 
 
-
-
 def main_vae(args) -> dict:
     vae = load_model(args.ckpt, "vae")
     size = vae.config.resolution
@@ -195,9 +198,7 @@ def main_vae(args) -> dict:
     identity = np.repeat(*clip_identities(paths))
     identity = identity if len(identity) == len(P) else None  # a video shorter than its landmarks: no split
     rows = {"vae": evaluate_vae(vae, frames, masks, opening, identity, upscale=args.upscale)}
-    if args.real:
-        rows.update(real_round_trips(vae, real_inputs(args.real)[0], args.upscale))
-    return rows
+    return {**rows, **real_round_trips(vae, real_inputs(args.real)[0], args.upscale)} if args.real else rows
 
 
 def real_round_trips(vae, photos: list[str], upscale: str = "cubic") -> dict:
@@ -209,9 +210,10 @@ def real_round_trips(vae, photos: list[str], upscale: str = "cubic") -> dict:
         box = landmarks.face_crop_box(face.P[0], vae.config.face_iod or landmarks.FACE_IOD_FRACTION)  # (3,)
         crop = landmarks.crop_faces(face.frames[:1], box[None], size)  # (1, S, S, 3)
         mask = landmarks.mouth_mask(landmarks.to_crop(face.P[0], box, size), (size, size))[None]  # (1, S, S)
-        rec = to_uint8_image(reconstruct(vae, to_tensor_image(crop)))  # (1, S, S, 3)
-        before, after = measured_opening(np.concatenate([crop, rec]), upscale=upscale)
-        rows[os.path.basename(path)] = {**evaluate_vae(vae, crop, mask), "opening_crop": float(before),
+        x = to_tensor_image(crop)
+        rec = reconstruct(vae, x)  # (1, 3, S, S)
+        before, after = measured_opening(np.concatenate([crop, to_uint8_image(rec)]), upscale=upscale)
+        rows[os.path.basename(path)] = {**psnr_row(rec, x, mask), "opening_crop": float(before),
                                         "opening_rec": float(after)}
     return rows
 

@@ -113,9 +113,9 @@ def run_flags(p: argparse.ArgumentParser) -> None:
                      "training clips, comma-separated: espeak (as the shipped models heard), flite, festival, piper, "
                      "recorded, or all installed ones (voices.py, install_voices.sh); the held-out split stays espeak.")
     run.add_argument("--portraits", default="base", choices=PORTRAITS, help="Base photos of the synthetic training "
-                     "clips' faces: base (astronaut, Grace Hopper, as the shipped models before the portrait VAE saw) "
-                     "or all (and the five real photos of assets/portraits/; synth_face.PORTRAIT_IDENTITIES); the "
-                     "held-out split keeps its identities.")
+                     "clips' faces: base (astronaut, Grace Hopper, as every shipped model saw) or all (and the five "
+                     "real photos of assets/portraits/; synth_face.PORTRAIT_IDENTITIES); the held-out split keeps its "
+                     "identities.")
     run.add_argument("--cache", default="cache", help="Folder for generated data, decoded frames and latents.")
     run.add_argument("--out", default=None, help="Run folder; by default runs/<stage>.")
     run.add_argument("--resume", action="store_true", help="Continue the run from <out>/ckpt.pt.")
@@ -181,7 +181,7 @@ def parse_args(argv=None):
 
 def train_clips(args) -> list[str]:
     """The training clips: --data's (a prepared folder's train split), or the synthetic training split spoken
-    by --voices."""
+    by --voices with faces from --portraits."""
     if args.data is None:
         print(f"synthetic training speech: {', '.join(args.voices)}")
         return clips_or_synthetic(None, "train", args.clips, args.seed, args.cache, poses=args.poses,

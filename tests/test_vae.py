@@ -399,6 +399,7 @@ def test_natural_crops_also_come_from_a_folder_of_photos(tmp_path):
     cv2.imwrite(str(tmp_path / "sub" / "red.png"), red)
     cv2.imwrite(str(tmp_path / "tiny.jpg"), red[:32, :32])  # under 64 px: left out
     (tmp_path / "notes.txt").write_text("not a photo")
+
     def pure_red(crops):
         return ((crops[..., 0] == 255).all(axis=(1, 2)) & (crops[..., 1:] == 0).all(axis=(1, 2, 3))).sum()
     assert 0 < pure_red(natural_crops(16, 400, seed=0, folder=str(tmp_path))) < 400  # beside scikit-image's, RGB
