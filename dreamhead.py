@@ -41,6 +41,7 @@ from tqdm import tqdm
 import clips
 import landmarks
 from a2l import A2L, A2LConfig
+from adapt import FRAMES as ADAPT_FRAMES, RENDER_SIZE, adapt_l2i, synthetic_speech
 from audio import SAMPLE_RATE, MelContext, Speech, log_mel_rows
 from cli import UsageError
 from common import atomic_write, load_checkpoint, pick_device, to_tensor_image, to_uint8_image, weights_sha1
@@ -562,14 +563,31 @@ class DreamHead:
             decoded = to_uint8_image(self.vae.decode_latents(z))[0]  # (S, S, 3)
         return paste(face.frames[0], box[0], decoded, mouth[0])
 
+    def adapted(self, face: Face, steps: int, crop_filter: str = "bilinear", seed: int = 0) -> "DreamHead":
+        """This cascade with its L2I fine-tuned for `steps` steps on the face's reference frame, cut as `render`
+        cuts it, warped onto A2L's landmarks for synthetic speech (adapt.py); self is left as it was."""
+        ref = int(np.flatnonzero(face.usable)[0])
+        box = landmarks.clip_face_boxes(face.P, self.face_iod)[ref:ref + 1]  # (1, 3), as plan() frames it
+        canon, pose = landmarks.canonicalize(face.P)  # (N, 478, 3), as plan() builds P̄
+        speech = Speech(synthetic_speech(ADAPT_FRAMES, seed), SAMPLE_RATE, normalize=False)
+        motion = np.concatenate(list(self.landmark_stream(speech, canon[face.usable].mean(0), seed=seed)))
+        P = landmarks.uncanonicalize(motion, {k: v[[ref] * len(motion)] for k, v in pose.items()})  # (T, 478, 3)
+        crop = landmarks.crop_faces(face.frames[ref:ref + 1], box, self.size, area=crop_filter == "area")[0]
+        hi_crop = landmarks.crop_faces(face.frames[ref:ref + 1], box, RENDER_SIZE)[0]
+        l2i = adapt_l2i(self.l2i, self.vae, crop, landmarks.to_crop(face.P[ref:ref + 1], box, self.size)[0], hi_crop,
+                        landmarks.to_crop(face.P[ref:ref + 1], box, RENDER_SIZE)[0],
+                        landmarks.to_crop(P, np.repeat(box, len(P), 0), RENDER_SIZE), steps, seed=seed)
+        return DreamHead(self.a2l, self.vae, l2i)
+
     # ---- the whole cascade ----------------------------------------------------------------------------
     def generate(self, audio, face, landmarks_px: np.ndarray | None = None, max_size: int = 720, steps=None,
                  guidance=None, seed: int = 0, batch: int = 16, smooth: int = 0, crop_filter: str = "bilinear",
-                 debug: bool = False, workers: int | None = None, detail: float = DETAIL) -> Talk:
+                 debug: bool = False, workers: int | None = None, detail: float = DETAIL, adapt: int = 0) -> Talk:
         """Speech (a sound file's path, an audio.Speech, or a 16 kHz mono float wave that is the model's input as
-        it is) and a face (a photo or video path, or a Face) -> a Talk: face detection, the crop and P̄ run now,
-        A2L, L2I and paste-back as it is iterated. steps / guidance apply to both stages (None: each config's);
-        the same seed gives the same video; workers: L2I batches rendered at once (default_workers)."""
+        it is) and a face (a photo or video path, or a Face) -> a Talk: face detection, the crop and P̄ run now
+        (and with adapt > 0 that many steps of fine-tuning L2I on the face, `adapted`), A2L, L2I and paste-back
+        as it is iterated. steps / guidance apply to both stages (None: each config's); the same seed gives the
+        same video; workers: L2I batches rendered at once (default_workers)."""
         self.check_steps(steps)
         if isinstance(audio, (str, os.PathLike)):
             audio = Speech(audio)
@@ -579,7 +597,8 @@ class DreamHead:
         plan = self.plan(audio, face, landmarks_px, steps, guidance, seed, smooth)
         options = dict(steps=steps, guidance=guidance, seed=seed, batch=batch, crop_filter=crop_filter, debug=debug,
                        detail=detail, workers=default_workers(self.device) if workers is None else workers)
-        return Talk(self, face, plan, audio, options, audio.path)
+        model = self.adapted(face, adapt, crop_filter, seed) if adapt else self
+        return Talk(model, face, plan, audio, options, audio.path)
 
     def check_steps(self, steps) -> None:
         """UsageError when `steps` DDIM steps exceed a stage's diffusion timesteps (the sampling grid's limit)."""

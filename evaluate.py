@@ -295,7 +295,7 @@ def main_sample(args) -> dict:
             out = os.path.join(tmp, "out.mp4")
             start = time.process_time()
             talk = model.generate(wav, face, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                  crop_filter=args.crop_filter)
+                                  crop_filter=args.crop_filter, adapt=args.adapt)
             model.write_video(out, talk)
             cpu = time.process_time() - start
             video = clips.read_frames(out)
@@ -347,13 +347,6 @@ def real_inputs(folder: str) -> tuple[list[str], list[str]]:
     return photos, voices
 
 
-def loudness_variants(path: str) -> dict:
-    """The recording as read, 20 dB quieter, and 10 dB louder clipped to full scale (audio.Speech each)."""
-    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (S, channels)
-    quiet, loud_clipped = loudness_copies(samples)
-    return {"quiet": Speech(quiet, rate, name=path), "loud_clipped": Speech(loud_clipped, rate, name=path)}
-
-
 def real_row(model, face, speech: Speech, photo: np.ndarray, args) -> tuple[dict, np.ndarray, np.ndarray]:
     """Measures of one photo and recording: MediaPipe's opening on the output against the speech envelope (best
     lag within 2 frames), pauses against speech, the same for A2L's landmarks, and the mouth's sharpness
@@ -371,7 +364,9 @@ def real_row(model, face, speech: Speech, photo: np.ndarray, args) -> tuple[dict
            "sharpness": float(mouth_sharpness(frames, mouth, skin).mean()),
            "photo_sharpness": float(mouth_sharpness(photo[None], mouth, skin)[0]),
            "detected": float(np.isfinite(measured).mean())}
-    for name, variant in loudness_variants(speech.path).items():
+    samples, rate = soundfile.read(speech.path, dtype="float32", always_2d=True)  # (S, channels)
+    for name, wave in zip(("quiet", "loud_clipped"), loudness_copies(samples)):  # -20 dB; +10 dB clipped
+        variant = Speech(wave, rate, name=speech.path)
         row[f"{name}_change"] = motion_change(opening_per_iod(model.generate(variant, face, steps=args.steps,
                                                                              seed=args.seed).landmarks), driving)
     return row, frames, mouth | skin
@@ -395,9 +390,10 @@ def main_real(args) -> dict:
         # the VAE's ceiling: MediaPipe's mouth opening on the photo and on its round trip through E and D alone
         photo_opening, round_trip_opening = measured_opening(np.stack([face.frames[0], model.round_trip(face)]),
                                                              detect_size=max(256, *face.frames.shape[1:3]))
+        adapted = model.adapted(face, args.adapt, seed=args.seed) if args.adapt else model  # once per photo
         for voice in voices:
             name = f"{os.path.basename(photo_path)} + {os.path.basename(voice)}"
-            rows[name], frames, region = real_row(model, face, Speech(voice), face.frames[0], args)
+            rows[name], frames, region = real_row(adapted, face, Speech(voice), face.frames[0], args)
             rows[name].update(photo_opening=float(photo_opening), round_trip_opening=float(round_trip_opening))
             strip = mouth_strip(face.frames[0], frames, region) if strip is None else strip
             print(name, rows[name], flush=True)
@@ -646,6 +642,9 @@ def parse_args(argv=None):
     e.add_argument("--detail", type=nonnegative_float, default=DETAIL, help="Strength of the detail transfer at "
                    "paste-back, as sample.py --detail (0: off).")
     e.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
+    for q in (s, e):
+        q.add_argument("--adapt", type=int_flag(0), default=0, help="Steps of fine-tuning L2I on each photo first, "
+                       "as sample.py --adapt (0: off).")
     for q, stage in ((q, stage) for q in (o, s, e) for stage in ("a2l", "vae", "l2i")):
         q.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
     s.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="How the face crop is "

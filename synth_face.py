@@ -328,7 +328,11 @@ def _anchors(mesh, size):
 @functools.lru_cache(maxsize=8)
 def _triangulation(identity, size):
     """Triangles (K, 3) over mesh points 0..477 and anchors 478.. (Delaunay in texture space)."""
-    _, tex_mesh, _ = identity_texture(identity, size)
+    return triangulate(identity_texture(identity, size)[1], size)
+
+
+def triangulate(tex_mesh, size):
+    """`_triangulation` of any texture mesh (478, 3) px: the triangles that do not bridge the lips."""
     anchors, _ = _anchors(tex_mesh, size)
     points = np.concatenate([tex_mesh[:, :2], anchors])
     tri = Delaunay(points).simplices
@@ -468,9 +472,14 @@ def render_clip(identity, art, blink, pose, size=256, turning=None):
                          f"{np.shape(blink)}, {np.shape(pose)}")
     turning = np.shape(pose)[1] == 6 if turning is None else turning
     texture, tex_mesh, neutral = identity_texture(identity, size)
-    shapes = blendshapes(neutral)
-    meshes = animate(neutral, shapes, art, blink, pose, size)
-    tri = _triangulation(identity, size)
+    meshes = animate(neutral, blendshapes(neutral), art, blink, pose, size)
+    return warp_meshes(texture, tex_mesh, neutral, _triangulation(identity, size), meshes, pose, size, turning), meshes
+
+
+def warp_meshes(texture, tex_mesh, neutral, tri, meshes, pose, size, turning=False):
+    """The texture warped onto each mesh of meshes (T, 478, 3) px with the mouth drawn inside its inner lips:
+    uint8 (T, size, size, 3). The border anchors follow the head (pose (T, 5|6), used when turning) or a
+    similarity of each mesh's rigid points to the neutral mesh (`_anchor_targets`)."""
     anchors, follow = _anchors(tex_mesh, size)
     iod = FaceFrame(neutral).iod
     tex_points = np.concatenate([tex_mesh[:, :2], anchors])
@@ -487,4 +496,4 @@ def render_clip(identity, art, blink, pose, size=256, turning=None):
         target = np.concatenate([mesh_t[:, :2], moved])
         image = warp_frame(texture, tex_points, tri, target, np.concatenate([mesh_t[:, 2], far]), turning, blurred)
         frames[t] = np.clip(draw_mouth(image, mesh_t, iod), 0, 255).astype(np.uint8)
-    return frames, meshes
+    return frames

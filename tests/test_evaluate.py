@@ -149,7 +149,7 @@ def test_real_report_measures_every_pair_and_the_strip(tmp_path):
     shutil.copy(os.path.join(root, "examples", "face.png"), tmp_path / "face.png")
     shutil.copy(os.path.join(root, "examples", "speech.wav"), tmp_path / "speech.wav")
     evaluate.main(["real", "--inputs", str(tmp_path), "--steps", "2", "--json", str(tmp_path / "real.json"),
-                   "--strip", str(tmp_path / "strip.png")])
+                   "--strip", str(tmp_path / "strip.png"), "--adapt", "5"])  # 5 steps of adaptation: the path runs
     rows = json.load(open(tmp_path / "real.json"))
     assert set(rows) == {"face.png + speech.wav", "mean"}
     row = rows["mean"]

@@ -2,7 +2,7 @@
 
     floor 0  cli, diffusion, common                    (the error path, the maths, shared blocks, run utilities)
     floor 1  landmarks, clips, audio, metrics, fid     (dense landmarks, the clip format, speech in, measures)
-    floor 2  vae, a2l, l2i, synth_*                    (the stages, and the synthetic data source)
+    floor 2  vae, a2l, l2i, synth_*, adapt             (the stages, the synthetic data source, per-photo tuning)
     floor 3  dreamhead                                 (the cascade)
     floor 4  train, sample, evaluate, bench, data,     (entry points: nothing imports them)
              prepare
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = {
     "cli": 0, "diffusion": 0, "common": 0,
     "landmarks": 1, "clips": 1, "audio": 1, "metrics": 1, "fid": 1, "augment": 1, "neutral": 1,
-    "vae": 2, "a2l": 2, "l2i": 2, "synth_speech": 2, "synth_face": 2, "synth_clips": 2, "voices": 2,
+    "vae": 2, "a2l": 2, "l2i": 2, "synth_speech": 2, "synth_face": 2, "synth_clips": 2, "voices": 2, "adapt": 2,
     "dreamhead": 3,
     "train": 4, "sample": 4, "evaluate": 4, "bench": 4, "data": 4, "prepare": 4,
 }

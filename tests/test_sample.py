@@ -196,6 +196,18 @@ def test_bad_input_is_one_line_exit_2_and_no_output(inputs, tmp_path, case):
 
 
 @pytest.mark.skipif(not all(map(os.path.exists, SHIPPED)), reason="shipped checkpoints not present")
+def test_adapt_fine_tunes_l2i_on_the_face_first_and_renders_only_the_mouth_region_differently(inputs, tmp_path):
+    plain, tuned = str(tmp_path / "plain.mp4"), str(tmp_path / "tuned.mp4")
+    assert run(inputs, inputs["wav"], inputs["face"], plain).returncode == 0
+    proc = run(inputs, inputs["wav"], inputs["face"], tuned, "--adapt", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = clips.read_frames(plain).astype(int), clips.read_frames(tuned).astype(int)
+    assert a.shape == b.shape and np.abs(a - b).mean() > 0.05  # another L2I rendered the mouth
+    assert np.abs(a[:, :30] - b[:, :30]).mean() < 1  # above the mouth both are the photo
+    bad = run(inputs, inputs["wav"], inputs["face"], str(tmp_path / "bad.mp4"), "--adapt", "-1")
+    assert bad.returncode == 2 and "--adapt" in bad.stderr and not os.path.exists(tmp_path / "bad.mp4")
+
+
 def test_silent_audio_is_valid_and_gives_a_closed_mouth(tmp_path):
     """With the shipped checkpoints: 1.5 s of digital silence -> a video whose predicted mouth stays shut."""
     wav, out, lm = str(tmp_path / "silence.wav"), str(tmp_path / "out.mp4"), str(tmp_path / "lm.npy")
