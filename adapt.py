@@ -64,9 +64,8 @@ def training_pairs(vae, crop: np.ndarray, mesh: np.ndarray, hi_crop: np.ndarray,
     hi_crop / hi_mesh: the same box at a higher resolution, which the renderer warps onto hi_meshes (N, 478, 3)."""
     size = crop.shape[0]
     talk, P = photo_frames(hi_crop, hi_mesh, hi_meshes, size)  # (N, S, S, 3), (N, 478, 3) model px
-    ref_box = landmarks.mouth_box(mesh, (size, size), expand)
-    boxes = [tuple(np.r_[np.minimum(ref_box[:2], b[:2]), np.maximum(ref_box[2:], b[2:])])
-             for b in (landmarks.mouth_box(p, (size, size), expand) for p in P)]  # as Plan.chunks joins them
+    boxes = landmarks.union_boxes(landmarks.mouth_boxes(mesh[None], size, expand),
+                                  landmarks.mouth_boxes(P, size, expand))  # (N, 4), as Plan.chunks joins them
     images = condition_images(talk, boxes, landmarks.canonicalize(P)[0])
     cond = encode_conditions(vae, {**images, **reference_images(crop, landmarks.canonicalize(mesh)[0])})
     with torch.no_grad():

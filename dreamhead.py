@@ -141,8 +141,8 @@ class Plan:
         for P_canon in self.canonical():
             idx = slice(start, start + len(P_canon))
             crop_P = landmarks.to_crop(self.image_landmarks(start, P_canon), self.boxes[self.source[idx]], self.size)
-            driving = mouth_boxes(crop_P, self.size, self.expand)  # (n, 4)
-            yield start, P_canon, union_boxes(self.source_mouth[self.source[idx]], driving)
+            driving = landmarks.mouth_boxes(crop_P, self.size, self.expand)  # (n, 4)
+            yield start, P_canon, landmarks.union_boxes(self.source_mouth[self.source[idx]], driving)
             start += len(P_canon)
         if start != self.num_frames:
             raise RuntimeError(f"the landmark stream made {start} frames for a plan of {self.num_frames}")
@@ -220,16 +220,6 @@ def pingpong(num_frames: int, num_source: int) -> np.ndarray:
     period = 2 * num_source - 2
     k = np.arange(num_frames) % period
     return np.where(k < num_source, k, period - k)
-
-
-def mouth_boxes(P: np.ndarray, size: int, expand: float) -> np.ndarray:
-    """mouth_box of every frame of P (T, 478, 3) in size-px crops: (T, 4) int."""
-    return np.array([landmarks.mouth_box(p, (size, size), expand) for p in P], np.int64)
-
-
-def union_boxes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Boxes (T, 4) = (x0, y0, x1, y1) covering both a and b."""
-    return np.concatenate([np.minimum(a[:, :2], b[:, :2]), np.maximum(a[:, 2:], b[:, 2:])], axis=1)
 
 
 def transfer_detail(patch: np.ndarray, photo: np.ndarray, scale: float, strength: float = 1.0,
@@ -492,7 +482,7 @@ class DreamHead:
             def canonical():
                 return self.landmark_stream(speech, p_bar, steps, guidance, seed, smooth)
         expand, size = self.l2i.config.mask_expand, self.size
-        source_mouth = mouth_boxes(landmarks.to_crop(face.P, boxes, size), size, expand)  # (N, 4) crop px
+        source_mouth = landmarks.mouth_boxes(landmarks.to_crop(face.P, boxes, size), size, expand)  # (N, 4) crop px
         return Plan(source, boxes, source_mouth, pose, canonical, size, expand, given)
 
     # ---- L2I ------------------------------------------------------------------------------------------
@@ -557,7 +547,8 @@ class DreamHead:
         in its mouth box as `render` pastes: uint8 (H, W, 3). No L2I on this VAE can show more of the mouth."""
         box = landmarks.clip_face_boxes(face.P[:1], self.face_iod)  # (1, 3)
         crop = landmarks.crop_faces(face.frames[:1], box, self.size, area=crop_filter == "area")  # (1, S, S, 3)
-        mouth = mouth_boxes(landmarks.to_crop(face.P[:1], box, self.size), self.size, self.l2i.config.mask_expand)
+        mouth = landmarks.mouth_boxes(landmarks.to_crop(face.P[:1], box, self.size), self.size,
+                                      self.l2i.config.mask_expand)
         with torch.no_grad():
             z = self.vae.encode_latents(to_tensor_image(crop).to(self.device))  # (1, C, h, w)
             decoded = to_uint8_image(self.vae.decode_latents(z))[0]  # (S, S, 3)

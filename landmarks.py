@@ -558,6 +558,16 @@ def mouth_box(P, image_hw: tuple[int, int], expand: float = 0.15) -> tuple[int, 
     return (min(max(box[0], 0), w), min(max(box[1], 0), h), min(max(box[2], 0), w), min(max(box[3], 0), h))
 
 
+def mouth_boxes(P: np.ndarray, size: int, expand: float) -> np.ndarray:
+    """mouth_box of every frame of P (T, 478, 3) in size-px crops: (T, 4) int."""
+    return np.array([mouth_box(p, (size, size), expand) for p in P], np.int64)
+
+
+def union_boxes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Boxes (T, 4) = (x0, y0, x1, y1) covering both a and b (either may be one box (1, 4), broadcast)."""
+    return np.concatenate([np.minimum(a[:, :2], b[:, :2]), np.maximum(a[:, 2:], b[:, 2:])], axis=1)
+
+
 def mouth_mask(P, image_hw: tuple[int, int], feather: float = 0, expand: float = 0.15) -> np.ndarray:
     """float32 (H,W) mask: 1 inside mouth_box, 0 outside; feather > 0 blurs the edge with a Gaussian of
     that sigma in pixels (the soft edge straddles the box border), for blending a generated frame back."""
