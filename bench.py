@@ -69,8 +69,9 @@ def sampling(model, steps_list, batch: int = 16) -> list[dict]:
 
     import clips
     import landmarks
-    from dreamhead import load_face, paste
+    from dreamhead import DETAIL, load_face, paste
     from l2i import condition_images, encode_conditions, reference_images
+    from synth_face import mesh_triangles
     speech_path, face_path = example_paths()
     face = load_face(face_path)
     talk = model.generate(speech_path, face)
@@ -104,6 +105,10 @@ def sampling(model, steps_list, batch: int = 16) -> list[dict]:
     box = talk.plan.boxes[0]
     row("paste-back", median_time(lambda: [paste(face.frames[0], box, g, m) for g, m in zip(generated, mouth)]),
         batch)
+    driving, tri = talk.plan.image_landmarks(start, P_canon), mesh_triangles(face.P[0])  # (b, 478, 3) frame px
+    row("paste-back with detail transfer", median_time(lambda: [
+        paste(face.frames[0], box, g, m, DETAIL, (face.P[0], d), tri) for g, m, d in zip(generated, mouth, driving)]),
+        batch, f"--detail {DETAIL:g}")
 
     def write():
         with tempfile.TemporaryDirectory() as tmp:
@@ -115,24 +120,26 @@ def sampling(model, steps_list, batch: int = 16) -> list[dict]:
 
 def cascade(model, steps_list, threads: int) -> list[dict]:
     """The whole cascade on the example, as sample.py runs it, at each DDIM step count, with one render worker on
-    `threads` torch threads and with `threads` workers on one thread each (sample.py's default on CPU)."""
+    `threads` torch threads and with `threads` workers on one thread each (sample.py's default on CPU); and at the
+    first step count with `threads` workers and the paste-back's detail transfer off (`--detail 0`)."""
     import torch
+    from dreamhead import DETAIL
     speech_path, face_path = example_paths()
+    runs = [(steps, workers, DETAIL) for steps in steps_list for workers in dict.fromkeys((1, threads))]
     rows = []
-    for steps in steps_list:
-        for workers in dict.fromkeys((1, threads)):
-            torch.set_num_threads(threads // workers)
-            with tempfile.TemporaryDirectory() as tmp:
-                first = []
-                wall0, cpu0 = time.perf_counter(), time.process_time()
-                talk = model.generate(speech_path, face_path, steps=steps, workers=workers)
-                model.write_video(os.path.join(tmp, "out.mp4"), talk,
-                                  on_frames=lambda start, f: first.append(time.perf_counter()) if not first else None)
-                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-            rows.append({"steps": steps or model.l2i.config.sample_steps, "workers": workers,
-                         "torch_threads": threads // workers, "frames": talk.num_frames,
-                         "wall_fps": talk.num_frames / wall, "cpu_fps": talk.num_frames / cpu,
-                         "cpu_s_per_audio_s": cpu / talk.seconds, "first_frame_wall_s": first[0] - wall0})
+    for steps, workers, detail in runs + [(steps_list[0], threads, 0.0)]:
+        torch.set_num_threads(threads // workers)
+        with tempfile.TemporaryDirectory() as tmp:
+            first = []
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            talk = model.generate(speech_path, face_path, steps=steps, workers=workers, detail=detail)
+            model.write_video(os.path.join(tmp, "out.mp4"), talk,
+                              on_frames=lambda start, f: first.append(time.perf_counter()) if not first else None)
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        rows.append({"steps": steps or model.l2i.config.sample_steps, "workers": workers,
+                     "torch_threads": threads // workers, "detail": detail, "frames": talk.num_frames,
+                     "wall_fps": talk.num_frames / wall, "cpu_fps": talk.num_frames / cpu,
+                     "cpu_s_per_audio_s": cpu / talk.seconds, "first_frame_wall_s": first[0] - wall0})
     torch.set_num_threads(threads)
     return rows
 

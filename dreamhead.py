@@ -45,6 +45,7 @@ from adapt import FRAMES as ADAPT_FRAMES, RENDER_SIZE, adapt_l2i, synthetic_spee
 from audio import SAMPLE_RATE, MelContext, Speech, log_mel_rows
 from cli import UsageError
 from common import atomic_write, load_checkpoint, pick_device, to_tensor_image, to_uint8_image, weights_sha1
+from synth_face import draw_mouth, mesh_triangles, warp_frame
 from l2i import L2I, L2IConfig, check_vae_matches, condition_images, encode_conditions, paste_back, reference_images
 from vae import AutoencoderKL, VAEConfig
 
@@ -54,7 +55,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MIN_EYE_DISTANCE = 12  # px in the output frame; below this the mouth is a few pixels and cannot be rendered
 MAX_WEIGHT = 1e4  # trained weights stay within a few units (the shipped ones: 1.5); a flipped exponent bit does not
 CHUNK = 1024  # frames of given landmarks canonicalised at once (memory vs speed)
-DETAIL = 0.0  # strength of the detail transfer at paste-back (transfer_detail); 0 pastes the upscaled crop as it is
+DETAIL = 0.5  # generated px below which the photo's warped detail goes into the pasted mouth (transfer_detail); 0: none
 
 
 def default_checkpoint(stage: str) -> str:
@@ -222,48 +223,38 @@ def pingpong(num_frames: int, num_source: int) -> np.ndarray:
     return np.where(k < num_source, k, period - k)
 
 
-def transfer_detail(patch: np.ndarray, photo: np.ndarray, scale: float, strength: float = 1.0,
-                    tolerance: float = 6.0, keep: np.ndarray | None = None) -> np.ndarray:
-    """The photo's own fine detail put back into an upscaled generated patch, where the two show the same thing.
+def transfer_detail(patch: np.ndarray, source: np.ndarray, offset, scale: float, meshes, triangles: np.ndarray,
+                    size: float = DETAIL) -> np.ndarray:
+    """The photo's own fine detail, moved to where the driving landmarks put it, added to an upscaled generated
+    patch: the render keeps the coarse shapes and colours, the photo brings the grain and edges its pixels lack.
 
-    Detail transfer as in Petschnigg et al. 2004 (flash / no-flash pairs): detail = photo - its Gaussian blur at
-    the generator's pixel size (`scale` photo px per generated px), added with weight strength x exp(-(delta /
-    tolerance)^2), delta the grey-level difference of the two images' band-passed structure (blur at that size
-    minus blur at 4x it, so a colour cast does not count). Skin keeps the photo's grain and edges; lips and teeth
-    that moved keep the generator's; keep (h, w) in [0, 1] marks where the patch stays as it is all the same (the
-    lips: a photo's open mouth must not show through). patch, photo uint8 (h, w, 3) -> uint8 (h, w, 3)."""
-    sigma = max(0.5, scale / 2)
-    g, p = patch.astype(np.float32), photo.astype(np.float32)
-    fine_g, fine_p = cv2.GaussianBlur(g, (0, 0), sigma), cv2.GaussianBlur(p, (0, 0), sigma)
-    band_g = fine_g - cv2.GaussianBlur(g, (0, 0), 4 * sigma)
-    band_p = fine_p - cv2.GaussianBlur(p, (0, 0), 4 * sigma)
-    delta = np.abs(band_g - band_p).mean(axis=-1, keepdims=True)   # (h, w, 1)
-    weight = strength * np.exp(-(delta / tolerance) ** 2)
-    if keep is not None:
-        weight = weight * (1.0 - keep[..., None])
-    return np.clip(np.round(g + weight * (p - fine_p)), 0, 255).astype(np.uint8)
-
-
-def lip_zone(shape: tuple, offset, lips) -> np.ndarray:
-    """(h, w) float in [0, 1]: the hulls of the given lip outlines (each (n, 2) in source px; region origin
-    `offset` = (x0, y0)), grown softly by a fifth of the widest one's width."""
-    zone = np.zeros(shape, np.float32)
-    width = 1.0
-    for points in lips:
-        pts = np.round(np.asarray(points)[:, :2] - offset).astype(np.int32)
-        cv2.fillConvexPoly(zone, cv2.convexHull(pts), 1.0)
-        width = max(width, float(np.ptp(pts[:, 0])))
-    return np.clip(2 * cv2.GaussianBlur(zone, (0, 0), 0.2 * width), 0.0, 1.0)
+    Detail transfer (Petschnigg et al. 2004, flash / no-flash pairs: one image's coarse layer plus another's
+    detail layer) with the detail layer taken from the source region warped piecewise-affinely from its
+    landmarks onto the driving ones (the synthetic renderer's warp, `synth_face.warp_frame`, over `triangles` of
+    the mesh, none bridging the lips) and the mouth cavity drawn inside the driving inner lips
+    (`synth_face.draw_mouth`): out = patch + warped - blur(warped), the blur a Gaussian of `size` generated px
+    (`scale` source px each). The upscaled patch has almost nothing finer than a generated px of its own; past that
+    size the two add. patch, source uint8 (h, w, 3) of the same region at `offset` (x0, y0) in the frame; meshes:
+    the source's and the driving landmarks (478, 3) in frame px -> uint8 (h, w, 3)."""
+    h, w = patch.shape[:2]
+    src, dst = (np.asarray(m, np.float64) - [offset[0], offset[1], 0.0] for m in meshes)  # (478, 3) region px
+    corners = dst[triangles, :2]  # (K, 3, 2): only the triangles that reach into the region are drawn
+    near = (corners.max(1) >= 0).all(1) & (corners.min(1) < [w, h]).all(1)
+    warped = warp_frame(source.astype(np.float32), src[:, :2], triangles[near], dst[:, :2], dst[:, 2])
+    draw_mouth(warped, dst, float(landmarks.inter_ocular(dst)))
+    detail = warped - cv2.GaussianBlur(warped, (0, 0), max(0.5, size * scale))
+    return np.clip(np.round(patch.astype(np.float32) + detail), 0, 255).astype(np.uint8)
 
 
-def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box, detail: float = 0.0,
-          lips=()) -> np.ndarray:
+def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box, detail: float = 0.0, meshes=(),
+          triangles: np.ndarray | None = None) -> np.ndarray:
     """Blend one generated crop back into its full source frame inside the feathered mouth box.
 
     crop_box (x0, y0, side) in source px; generated uint8 (S, S, 3); mouth_box (x0, y0, x1, y1) in crop px;
-    detail: strength of `transfer_detail` (0: the upscaled crop as it is), kept out of `lip_zone(lips)` (the
-    source's and the driving landmarks' outer lips, (n, 2) source px each). Only the region around the mouth is
-    touched; pixels outside the feathered box stay the source's."""
+    detail: the size in generated px below which `transfer_detail` takes the detail from the source warped from
+    its landmarks onto the driving ones (meshes: two (478, 3) in source px) over `triangles`
+    (`synth_face.mesh_triangles`); 0: the upscaled crop as it is. Only the region around the mouth is touched;
+    pixels outside the feathered box stay the source's."""
     H, W = source.shape[:2]
     x0, y0, side = crop_box
     k = side / generated.shape[0]  # source px per crop px
@@ -279,8 +270,7 @@ def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box, detail
     patch = cv2.warpAffine(generated, M, (rx1 - rx0, ry1 - ry0), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
     if detail > 0:
-        keep = lip_zone(patch.shape[:2], (rx0, ry0), lips) if len(lips) else None
-        patch = transfer_detail(patch, source[ry0:ry1, rx0:rx1], k, detail, keep=keep)
+        patch = transfer_detail(patch, source[ry0:ry1, rx0:rx1], (rx0, ry0), k, meshes, triangles, detail)
     mask = np.zeros((ry1 - ry0, rx1 - rx0), np.float32)
     bx0, by0, bx1, by1 = (int(round(v)) for v in box - [rx0, ry0, rx0, ry0])
     mask[max(by0, 0):by1, max(bx0, 0):bx1] = 1.0
@@ -523,11 +513,13 @@ class DreamHead:
         """The output frames of a plan, uint8 (b, H, W, 3) per batch in order: each generated crop pasted back
         into its source frame (debug: input | landmarks | output side by side). crop_filter: how the face crop
         is shrunk to the model's size (bilinear sampling or area averaging, landmarks.crop_faces); workers:
-        batches rendered at once in threads while this one pastes (`ordered_map`); detail: how much of the photo's
-        fine detail goes back into the pasted mouth (`transfer_detail`)."""
+        batches rendered at once in threads while this one pastes (`ordered_map`); detail: the size in generated px
+        below which the photo's own detail, warped onto the driving landmarks, goes into the pasted mouth
+        (`transfer_detail`; 0: none)."""
         crops = landmarks.crop_faces(face.frames, plan.boxes, self.size, area=crop_filter == "area")  # (N, S, S, 3)
         ref = int(np.flatnonzero(face.usable)[0])  # the reference pair: the first source frame with a face
         ref_canon = landmarks.canonicalize(face.P[ref])[0]
+        triangles = mesh_triangles(face.P[ref]) if detail > 0 else None  # (K, 3), the same for every frame
         batches, rendering = itertools.tee(plan.batches(batch))  # tee holds the one batch between the two loops
         for (start, P_canon, mouth), generated in zip(batches, self.render_crops(
                 crops, plan.source, rendering, crops[ref], ref_canon, steps, guidance, seed, workers)):  # (b, S, S, 3)
@@ -535,9 +527,10 @@ class DreamHead:
             out = []
             for j, g in enumerate(generated):  # paste-back touches only the mouth region of each frame
                 s = plan.source[start + j]
-                lips = (face.P[s][landmarks.LIPS_OUTER], driving[j][landmarks.LIPS_OUTER]) if detail > 0 else ()
+                meshes = (face.P[s], driving[j]) if detail > 0 else ()
                 # a driving-video frame without a face keeps its pixels: there is no mouth to put anything on
-                frame = paste(face.frames[s], plan.boxes[s], g, mouth[j], detail, lips) if face.usable[s] \
+                frame = paste(face.frames[s], plan.boxes[s], g, mouth[j], detail, meshes, triangles) \
+                    if face.usable[s] \
                     else face.frames[s]
                 out.append(debug_frame(face.frames[s], driving[j], frame) if debug else frame)
             yield np.stack(out)

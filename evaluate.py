@@ -295,7 +295,7 @@ def main_sample(args) -> dict:
             out = os.path.join(tmp, "out.mp4")
             start = time.process_time()
             talk = model.generate(wav, face, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                  crop_filter=args.crop_filter, adapt=args.adapt)
+                                  crop_filter=args.crop_filter, detail=args.detail, adapt=args.adapt)
             model.write_video(out, talk)
             cpu = time.process_time() - start
             video = clips.read_frames(out)
@@ -639,10 +639,11 @@ def parse_args(argv=None):
     e.add_argument("--inputs", default="examples/real", help="Folder of real photos (png, jpg) and recordings (wav, "
                    "flac); every photo is dubbed with every recording.")
     e.add_argument("--strip", default=None, help="PNG of the first photo's mouth beside six output frames.")
-    e.add_argument("--detail", type=nonnegative_float, default=DETAIL, help="Strength of the detail transfer at "
-                   "paste-back, as sample.py --detail (0: off).")
     e.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
     for q in (s, e):
+        q.add_argument("--detail", type=nonnegative_float, default=DETAIL, help="Size in generated px below which "
+                       "the photo's own detail, warped onto the driving landmarks, goes into the pasted mouth, as "
+                       "sample.py --detail (0: off).")
         q.add_argument("--adapt", type=int_flag(0), default=0, help="Steps of fine-tuning L2I on each photo first, "
                        "as sample.py --adapt (0: off).")
     for q, stage in ((q, stage) for q in (o, s, e) for stage in ("a2l", "vae", "l2i")):

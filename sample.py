@@ -45,10 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="how the face crop is "
                    "shrunk to the model's size: bilinear sampling keeps aliased, crisper detail; area averages like "
                    "the training frames. With the shipped models bilinear reads better (README)")
-    p.add_argument("--detail", type=nonnegative_float, default=0.0, help="strength of the photo's own fine detail "
-                   "put back into the pasted mouth where photo and render agree, lips excluded (detail transfer, "
-                   "Petschnigg et al. 2004); 0 (default) pastes the upscaled render as it is; 1 sharpens the skin "
-                   "(README)")
+    p.add_argument("--detail", type=nonnegative_float, default=0.5, help="size in generated px below which the "
+                   "pasted mouth's fine detail comes from the photo itself, warped onto the driving landmarks with "
+                   "the mouth drawn inside the inner lips (detail transfer, Petschnigg et al. 2004; dreamhead.DETAIL "
+                   "is the default); 0 pastes the upscaled render as it is (README)")
     p.add_argument("--adapt", type=int_flag(0), default=0, help="first fine-tune L2I for this many steps on "
                    "talking frames the synthetic renderer makes of this face, as DreamBooth fine-tunes on one subject "
                    "(Ruiz et al. 2023); 0 = off; 1500 takes about a minute on 2 cores (README)")

@@ -334,8 +334,16 @@ def _triangulation(identity, size):
 def triangulate(tex_mesh, size):
     """`_triangulation` of any texture mesh (478, 3) px: the triangles that do not bridge the lips."""
     anchors, _ = _anchors(tex_mesh, size)
-    points = np.concatenate([tex_mesh[:, :2], anchors])
-    tri = Delaunay(points).simplices
+    return _apart_lips(Delaunay(np.concatenate([tex_mesh[:, :2], anchors])).simplices)
+
+
+def mesh_triangles(mesh):
+    """Triangles (K, 3) over the 478 points of a mesh (478, 2|3) alone (Delaunay), none bridging the lips."""
+    return _apart_lips(Delaunay(np.asarray(mesh)[:, :2]).simplices)
+
+
+def _apart_lips(tri):
+    """The triangles (K, 3) that join neither the upper and the lower inner lip nor lie inside the mouth."""
     upper, lower = set(UPPER_INNER), set(LOWER_INNER)
     across = np.array([any(v in upper for v in t) and any(v in lower for v in t) for t in tri])
     inner = np.array([all(v in INNER_LIP_RING for v in t) for t in tri])

@@ -220,16 +220,32 @@ def test_silent_audio_is_valid_and_gives_a_closed_mouth(tmp_path):
     assert len(clips.read_frames(out)) == 38 and opening.max() < 0.05, opening.max()
 
 
-def test_detail_transfer_restores_the_photos_detail_where_the_render_agrees_only():
+def test_sample_detail_default_is_the_cascades():
+    import dreamhead
+    import sample
+    args = sample.parse_args([os.path.join(ROOT, "examples", "speech.wav"), os.path.join(ROOT, "examples", "face.png")])
+    assert args.detail == dreamhead.DETAIL
+
+
+def test_detail_transfer_brings_the_photos_detail_back_where_the_driving_landmarks_move_it():
     from dreamhead import transfer_detail
-    rng = np.random.default_rng(0)
-    photo = np.clip(128 + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8)   # grain everywhere
-    soft = cv2.GaussianBlur(photo, (0, 0), 2.0)                                       # an upscaled render of it
-    moved = soft.copy()
-    moved[26:38, 14:50] = 30                                                           # a mouth that opened
-    out = transfer_detail(moved, photo, scale=4.0)
-    grain = np.abs(out.astype(int) - photo)
-    assert grain[:, :12].mean() < 0.5 * np.abs(soft.astype(int) - photo)[:, :12].mean()  # detail is back
-    assert np.abs(out[28:36, 18:46].astype(int) - moved[28:36, 18:46]).mean() < 2            # the change stays
-    np.testing.assert_array_equal(transfer_detail(moved, photo, 4.0, strength=0.0), moved)
-    np.testing.assert_array_equal(transfer_detail(moved, photo, 4.0, keep=np.ones((64, 64), np.float32)), moved)
+    from synth_face import identity_texture, mesh_triangles
+    texture, mesh, _ = identity_texture(0, 256)                           # a face photo with its exact landmarks
+    photo = np.clip(texture, 0, 255).astype(np.uint8)
+    region = np.s_[120:220, 60:200]                                       # around the mouth, offset (60, 120)
+    scale = 4.0                                                           # source px per generated px
+    soft = cv2.GaussianBlur(photo, (0, 0), scale)[region]                 # what an upscaled 64 px render keeps
+    tri = mesh_triangles(mesh)
+    still = transfer_detail(soft, photo[region], (60, 120), scale, (mesh, mesh), tri)
+    assert np.abs(still.astype(int) - photo[region]).mean() < 0.5 * np.abs(soft.astype(int) - photo[region]).mean()
+    moved = mesh.copy()
+    moved[list(landmarks.LOWER_INNER) + list(landmarks.LOWER_OUTER), 1] += 12  # the lower lip drops 12 px
+    out = transfer_detail(soft, photo[region], (60, 120), scale, (mesh, moved), tri).astype(int)
+    line = np.round(moved[list(landmarks.LOWER_OUTER), :2] - [60, 120]).astype(int)  # the lip's new edge, region px
+
+    def detail_on_line(image):  # the detail put in within 4 px of the lower lip's new edge
+        change = np.abs(image.astype(int) - soft).sum(-1)  # (h, w)
+        return np.mean([change[line[:, 1] + dy, line[:, 0]] for dy in range(-4, 5)])
+    assert detail_on_line(out) > 1.5 * detail_on_line(still)         # the lip's edge moved there, not grain
+    gap = np.round(0.5 * (moved[13, :2] + moved[14, :2]) - [60, 120]).astype(int)  # inside the opened mouth
+    assert out[gap[1], gap[0]].mean() < soft[gap[1], gap[0]].mean() - 10            # the cavity is drawn in
