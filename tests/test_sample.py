@@ -236,11 +236,11 @@ def test_detail_transfer_brings_the_photos_detail_back_where_the_driving_landmar
     scale = 4.0                                                           # source px per generated px
     soft = cv2.GaussianBlur(photo, (0, 0), scale)[region]                 # what an upscaled 64 px render keeps
     tri = mesh_triangles(mesh)
-    still = transfer_detail(soft, photo[region], (60, 120), scale, (mesh, mesh), tri)
+    still = transfer_detail(soft, photo[region], (60, 120), scale, (mesh, mesh), tri, size=1.0)  # blur of 4 px
     assert np.abs(still.astype(int) - photo[region]).mean() < 0.5 * np.abs(soft.astype(int) - photo[region]).mean()
     moved = mesh.copy()
     moved[list(landmarks.LOWER_INNER) + list(landmarks.LOWER_OUTER), 1] += 12  # the lower lip drops 12 px
-    out = transfer_detail(soft, photo[region], (60, 120), scale, (mesh, moved), tri).astype(int)
+    out = transfer_detail(soft, photo[region], (60, 120), scale, (mesh, moved), tri, size=1.0).astype(int)
     line = np.round(moved[list(landmarks.LOWER_OUTER), :2] - [60, 120]).astype(int)  # the lip's new edge, region px
 
     def detail_on_line(image):  # the detail put in within 4 px of the lower lip's new edge
