@@ -47,8 +47,8 @@ def parse_args(argv=None):
                    "the training frames. With the shipped models bilinear reads better (README)")
     p.add_argument("--detail", type=nonnegative_float, default=0.5, help="size in generated px below which the "
                    "pasted mouth's fine detail comes from the photo itself, warped onto the driving landmarks with "
-                   "the mouth drawn inside the inner lips (detail transfer, Petschnigg et al. 2004; dreamhead.DETAIL "
-                   "is the default); 0 pastes the upscaled render as it is (README)")
+                   "the mouth drawn inside the inner lips (detail transfer, Petschnigg et al. 2004); default 0.5; 0 "
+                   "pastes the upscaled render as it is (README)")
     p.add_argument("--adapt", type=int_flag(0), default=0, help="first fine-tune L2I for this many steps on "
                    "talking frames the synthetic renderer makes of this face, as DreamBooth fine-tunes on one subject "
                    "(Ruiz et al. 2023); 0 = off; 1500 takes about a minute on 2 cores (README)")
