@@ -13,7 +13,6 @@ with the photo's is blacked out [L2I: I_mask]. The VAE is not touched; L2I's los
 included, is the training one. The landmarks are made by the caller (`DreamHead.adapted`), which holds A2L.
 """
 import copy
-import math
 
 import cv2
 import numpy as np
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 import landmarks
 from cli import UsageError
-from common import to_tensor_image
+from common import lr_at, to_tensor_image
 from l2i import _box_mask, condition_images, encode_conditions, reference_images
 from synth_face import close_mouth, triangulate, warp_meshes
 from synth_speech import SAMPLE_RATE, spoken_clip
@@ -77,8 +76,9 @@ def training_pairs(vae, crop: np.ndarray, mesh: np.ndarray, hi_crop: np.ndarray,
 def adapt_l2i(l2i, vae, crop: np.ndarray, mesh: np.ndarray, hi_crop: np.ndarray, hi_mesh: np.ndarray,
               hi_meshes: np.ndarray, steps: int, lr: float = 1e-4, batch: int = 8, seed: int = 0,
               progress: bool = True):
-    """A copy of `l2i` fine-tuned for `steps` AdamW steps (linear warm-up over a tenth, cosine decay) on the
-    face warped onto hi_meshes (training_pairs), in eval mode; `l2i` itself is left as it was."""
+    """A copy of `l2i` fine-tuned for `steps` AdamW steps (training's schedule, `common.lr_at`: linear warm-up over
+    a tenth, cosine decay to a tenth) on the face warped onto hi_meshes (training_pairs), in eval mode; `l2i`
+    itself is left as it was."""
     if steps < 1:
         raise UsageError(f"--adapt needs at least one step, got {steps}")
     device = next(l2i.parameters()).device
@@ -91,7 +91,7 @@ def adapt_l2i(l2i, vae, crop: np.ndarray, mesh: np.ndarray, hi_crop: np.ndarray,
     bar = tqdm(range(steps), desc="adapt L2I to the face", unit="step", disable=not progress, leave=False)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = lr_at(step, lr, warmup, steps)
         idx = torch.randint(len(pairs["z0"]), (batch,), generator=gen).to(device)
         cond = {k: v[idx] if len(v) > 1 else v.expand(batch, *v.shape[1:]) for k, v in pairs.items()}
         cond["seed"] = torch.randint(2**62, (batch,), generator=gen)
