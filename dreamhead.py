@@ -16,9 +16,11 @@ rows, A2L (a2l.A2L.stream, overlapping windows) turns them into canonical landma
 frame batch L2I (l2i.L2I.sample, decoding through the frozen VAE) renders the crop from its landmark image, the
 reference pair (the first source frame and its landmark image, encoded once per video) and the crop with its
 mouth blacked out; each generated crop is pasted back into its full frame inside a feathered mouth mask, so
-everything outside the mouth keeps the source's pixels. No array grows with the audio's length beyond a few
-numbers per frame (the source index). A video instead of a photo is dubbed: head pose, upper face and
-background follow the video (looped back and forth when the audio is longer), the mouth follows the new audio.
+everything outside the mouth keeps the source's pixels, and inside it the photo's own fine detail, warped onto the
+driving landmarks, is added to the upscaled render (`transfer_detail`, `--detail`; not in the paper). No array
+grows with the audio's length beyond a few numbers per frame (the source index). A video instead of a photo is
+dubbed: head pose, upper face and background follow the video (looped back and forth when the audio is longer),
+the mouth follows the new audio.
 
 Also here: `load_model`, which rebuilds any stage from its one-dict checkpoint.
 """
@@ -45,8 +47,8 @@ from adapt import FRAMES as ADAPT_FRAMES, RENDER_SIZE, adapt_l2i, synthetic_spee
 from audio import SAMPLE_RATE, MelContext, Speech, log_mel_rows
 from cli import UsageError
 from common import atomic_write, load_checkpoint, pick_device, to_tensor_image, to_uint8_image, weights_sha1
-from synth_face import draw_mouth, mesh_triangles, warp_frame
 from l2i import L2I, L2IConfig, check_vae_matches, condition_images, encode_conditions, paste_back, reference_images
+from synth_face import draw_mouth, mesh_triangles, warp_frame
 from vae import AutoencoderKL, VAEConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -529,9 +531,8 @@ class DreamHead:
                 s = plan.source[start + j]
                 meshes = (face.P[s], driving[j]) if detail > 0 else ()
                 # a driving-video frame without a face keeps its pixels: there is no mouth to put anything on
-                frame = paste(face.frames[s], plan.boxes[s], g, mouth[j], detail, meshes, triangles) \
-                    if face.usable[s] \
-                    else face.frames[s]
+                frame = (paste(face.frames[s], plan.boxes[s], g, mouth[j], detail, meshes, triangles)
+                         if face.usable[s] else face.frames[s])
                 out.append(debug_frame(face.frames[s], driving[j], frame) if debug else frame)
             yield np.stack(out)
 
