@@ -11,10 +11,9 @@ Not a box of the paper's figure: this is the machinery around it.
 * Checkpoints: one dict `{stage, version, config, model, ema, optimizer, step, extra, history}`
   (`save_checkpoint`, `load_checkpoint`, which checks the version and upgrades older layouts), `weights_sha1`
   (a fingerprint of a model's weights, how an L2I checkpoint names the VAE it was trained on).
-* Training: `EMA` of the weights, the learning-rate schedule `lr_at`, `pick_device`, `StopRequest` (Ctrl-C and
-  SIGTERM as a stop every process of a run makes at the same step), and the random draws that make a step the
-  same on any number of processes and after any resume: `step_items` (a step's global batch of items and sample
-  seeds) and `SampleRandom` (each sample's draws from its own seed).
+* Training: `EMA` of the weights, the learning-rate schedule `lr_at`, `pick_device`, and the random draws that
+  make a step the same on any number of processes and after any resume: `step_items` (a step's global batch of
+  items and sample seeds) and `SampleRandom` (each sample's draws from its own seed).
 * Caches larger than memory: `NpyWriter` writes an .npy array piece by piece (read back memory-mapped);
   `fix_mmap_threshold` keeps glibc's heap from fragmenting while they are built.
 """
@@ -26,7 +25,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import signal
 import subprocess
 import tempfile
 from typing import ClassVar
@@ -34,7 +32,6 @@ from typing import ClassVar
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from cli import UsageError
@@ -407,37 +404,3 @@ def pick_device(name: str = "auto") -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
-
-
-class StopRequest:
-    """Ctrl-C and SIGTERM (`kill`, a scheduler's pre-emption) as a request to save a checkpoint and stop.
-
-    `handler` is the signal handler; later signals are ignored so that they cannot cut the save short (torchrun
-    forwards the signal it got to workers that got it already). A single process stops at once (KeyboardInterrupt).
-    Under DDP the request only marks this process; `agreed()`, called by every rank after each step, all-reduces
-    the marks over a gloo group of their own (a CPU tensor, no device sync), so every rank stops at the same step
-    with no collective in flight: a rank that left in the middle of DDP's gradient all-reduce could abort in its
-    communication threads ("terminate called without an active exception") instead of exiting."""
-
-    def __init__(self):
-        self.requested, self.group = False, None
-
-    def handler(self, signum, frame):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        if self.group is None:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def join(self) -> None:
-        """Called by every rank once the process group is up (collectively: it creates the ranks' gloo group)."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self.group = dist.new_group(backend="gloo")
-
-    def agreed(self) -> bool:
-        """Whether any rank was asked to stop (the same answer on every rank); False for a single process."""
-        if self.group is None:
-            return False
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())

@@ -46,9 +46,9 @@ import landmarks
 from a2l import A2L, A2LConfig, A2LWindows, compute_residual_std, predict_clips
 from cli import ArgumentParser, UsageError, float_flag, run_cli
 from clips import clip_frames, is_prepared
-from common import (EMA, TRAIN_FIELDS, SampleRandom, StopRequest, TrainConfig, atomic_write, fix_mmap_threshold,
-                    load_checkpoint, lr_at, pick_device, save_checkpoint, save_png, step_items, to_tensor_image,
-                    to_uint8_image, weights_sha1)
+from common import (EMA, TRAIN_FIELDS, SampleRandom, TrainConfig, atomic_write, fix_mmap_threshold, load_checkpoint,
+                    lr_at, pick_device, save_checkpoint, save_png, step_items, to_tensor_image, to_uint8_image,
+                    weights_sha1)
 from dreamhead import load_model
 from l2i import L2I, L2IConfig, L2IFrames, L2ILatents, check_vae_matches
 from metrics import landmark_metrics, plot_opening, psnr
@@ -529,13 +529,21 @@ def global_mean(values: list[float], device: torch.device) -> float:
     return float(total) / dist.get_world_size()
 
 
+def _interrupt_once(signum, frame):
+    """SIGINT and SIGTERM (`kill`, a scheduler's pre-emption) both mean: save a checkpoint and exit 130. Later
+    signals are ignored so that they cannot cut that save short: torchrun forwards the Ctrl-C or SIGTERM it got
+    to workers that got it already."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def train(args) -> str:
     """Train one stage; returns the checkpoint's path on rank 0 (None on the others). Ctrl-C or SIGTERM saves a
-    checkpoint and exits with code 130 (under DDP every rank at the end of the same step: common.StopRequest)."""
-    stop = StopRequest()
-    previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    checkpoint and exits with code 130."""
+    previous = {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _train(args, stop)
+        return _train(args)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -543,12 +551,11 @@ def train(args) -> str:
             dist.destroy_process_group()
 
 
-def _train(args, stop: StopRequest) -> str:
+def _train(args) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     fix_mmap_threshold()  # memory flat in the number of clips while the caches are built
     rank, world, device = setup_distributed(args.device)
-    stop.join()
     if rank == 0:
         remove_stale_temporaries(args.out)
     cfg = args.config
@@ -650,8 +657,6 @@ def _train(args, stop: StopRequest) -> str:
                 evaluate()
             if step % args.save_every == 0 or step == settings.steps:
                 checkpoint()
-            if stop.agreed():  # a signal under DDP: every rank stops here, between steps
-                raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         checkpoint()
