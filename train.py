@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import glob
 import hashlib
 import os
@@ -548,6 +549,9 @@ def train(args) -> str:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if dist.is_initialized():
+            # what still holds the group (DDP's reducer, in reference cycles of _train's closures on rank 0) is
+            # collected now, not at interpreter exit after the group is gone (the rare abort at DDP exit)
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -622,7 +626,7 @@ def _train(args) -> str:
 
     bar = tqdm(total=settings.steps, initial=step, disable=rank != 0, desc=f"train {args.stage}", unit="step")
     micro_batches = batches(stage.train, settings, args, step, rank, world, device)
-    t0, logs_acc = time.time(), []
+    t0, logs_acc, interrupted = time.time(), [], False
     try:
         while step < settings.steps:
             for g in opt.param_groups:
@@ -657,13 +661,15 @@ def _train(args) -> str:
                 evaluate()
             if step % args.save_every == 0 or step == settings.steps:
                 checkpoint()
-    except KeyboardInterrupt:
-        bar.close()
+    except KeyboardInterrupt:  # handled below, once its traceback (which may hold DDP's frames) is let go
+        interrupted = True
+    bar.close()
+    del loss_module  # DDP's reducer holds the process group, which train() destroys after this returns or exits
+    if interrupted:
         checkpoint()
         if rank == 0:  # the other ranks saved nothing, so they say nothing
             print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume)")
         sys.exit(130)
-    bar.close()
     return ckpt_path if rank == 0 else None
 
 
