@@ -48,7 +48,7 @@ from audio import SAMPLE_RATE, MelContext, Speech, log_mel_rows
 from cli import UsageError
 from common import atomic_write, load_checkpoint, pick_device, to_tensor_image, to_uint8_image, weights_sha1
 from l2i import L2I, L2IConfig, check_vae_matches, condition_images, encode_conditions, paste_back, reference_images
-from synth_face import draw_mouth, mesh_triangles, warp_frame
+from synth_face import mesh_triangles, mouth_layer, over, warp_frame
 from vae import AutoencoderKL, VAEConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -234,18 +234,20 @@ def transfer_detail(patch: np.ndarray, source: np.ndarray, offset, scale: float,
     detail layer) with the detail layer taken from the source region warped piecewise-affinely from its
     landmarks onto the driving ones (the synthetic renderer's warp, `synth_face.warp_frame`, over `triangles` of
     the mesh, none bridging the lips) and the mouth cavity drawn inside the driving inner lips
-    (`synth_face.draw_mouth`): out = patch + warped - blur(warped), the blur a Gaussian of `size` generated px
-    (`scale` source px each). The upscaled patch has almost nothing finer than a generated px of its own; past that
-    size the two add. patch, source uint8 (h, w, 3) of the same region at `offset` (x0, y0) in the frame; meshes:
-    the source's and the driving landmarks (478, 3) in frame px -> uint8 (h, w, 3)."""
+    (`synth_face.mouth_layer`, its teeth tapered to the corners): out = patch + warped - blur(warped), the blur a
+    Gaussian of `size` generated px (`scale` source px each), and the drawn mouth laid over that whole (the L2I's
+    coarse layer mostly opens less than the landmarks, and its detail alone drew a bright rim round a pale slit).
+    The upscaled patch has almost nothing finer than a generated px of its own; past that size the two add.
+    patch, source uint8 (h, w, 3) of the same region at `offset` (x0, y0) in the frame; meshes: the source's and
+    the driving landmarks (478, 3) in frame px -> uint8 (h, w, 3)."""
     h, w = patch.shape[:2]
     src, dst = (np.asarray(m, np.float64) - [offset[0], offset[1], 0.0] for m in meshes)  # (478, 3) region px
     corners = dst[triangles, :2]  # (K, 3, 2): only the triangles that reach into the region are drawn
     near = (corners.max(1) >= 0).all(1) & (corners.min(1) < [w, h]).all(1)
-    warped = warp_frame(source.astype(np.float32), src[:, :2], triangles[near], dst[:, :2], dst[:, 2])
-    draw_mouth(warped, dst, float(landmarks.inter_ocular(dst)))
+    mouth = mouth_layer(dst, float(landmarks.inter_ocular(dst)), (h, w), taper=True)
+    warped = over(warp_frame(source.astype(np.float32), src[:, :2], triangles[near], dst[:, :2], dst[:, 2]), mouth)
     detail = warped - cv2.GaussianBlur(warped, (0, 0), max(0.5, size * scale))
-    return np.clip(np.round(patch.astype(np.float32) + detail), 0, 255).astype(np.uint8)
+    return np.clip(np.round(over(patch.astype(np.float32) + detail, mouth)), 0, 255).astype(np.uint8)
 
 
 def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box, detail: float = 0.0, meshes=(),

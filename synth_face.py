@@ -429,20 +429,23 @@ def warp_frame(texture, tex_points, tri, target_points, depth, facing=False, blu
     return image * (1 - soft) + smooth * soft
 
 
-def draw_mouth(image, mesh_t, iod):
-    """Dark mouth cavity with upper and lower teeth inside the inner-lip contour (in place).
+def mouth_layer(mesh_t, iod, shape, taper=False):
+    """The dark mouth cavity with upper and lower teeth inside the inner-lip contour, drawn 4x supersampled
+    (anti-aliased) in a small box around the mouth only: (box (x0, y0, x1, y1), colour (h, w, 3), alpha (h, w, 1))
+    float32, or None where the lips are closed or the mouth lies outside an image of `shape` (H, W).
 
-    Drawn 4x supersampled (anti-aliased) in a small box around the mouth only.
-    """
-    h, w = image.shape[:2]
+    taper: the teeth bands thin out to nothing at the mouth corners (as teeth recede into the cheeks) instead of
+    keeping their thickness along the whole lip, where they outline a narrow opening in white (the paste-back's
+    detail transfer; the synthetic data draws them untapered)."""
+    h, w = shape
     gap = float(np.linalg.norm(mesh_t[14, :2] - mesh_t[13, :2]))
     if gap < 0.5:
-        return image
+        return None
     ring = mesh_t[list(INNER_LIP_RING), :2]
     x0, y0 = np.maximum(np.floor(ring.min(0)).astype(int) - 2, 0)
     x1, y1 = np.minimum(np.ceil(ring.max(0)).astype(int) + 3, [w, h])
     if x1 <= x0 or y1 <= y0:
-        return image
+        return None
     scale, origin = 4, np.array([x0, y0])
     box = (y1 - y0) * scale, (x1 - x0) * scale
 
@@ -454,14 +457,27 @@ def draw_mouth(image, mesh_t, iod):
     normal = (mesh_t[14, :2] - mesh_t[13, :2]) / gap
     teeth = 0.0
     for inner, frac, limit in ((UPPER_INNER, 0.25, 0.05), (LOWER_INNER, -0.12, 0.025)):
-        edge = mesh_t[[78, *inner, 308], :2]
-        band = edge + normal * np.sign(frac) * min(abs(frac) * gap, limit * iod)
-        teeth = np.maximum(teeth, raster(np.concatenate([edge, band[::-1]])))
+        edge = mesh_t[[78, *inner, 308], :2]  # (11, 2) corner to corner
+        offset = normal * np.sign(frac) * min(abs(frac) * gap, limit * iod)
+        if taper:
+            offset = offset * np.sin(np.linspace(0, np.pi, len(edge)))[:, None]  # (11, 2): 0 at the corners
+        teeth = np.maximum(teeth, raster(np.concatenate([edge, (edge + offset)[::-1]])))
     cavity = raster(ring)
     colour = np.array([40, 12, 16], np.float32) * (1 - teeth) + np.array([225, 220, 205], np.float32) * teeth
-    patch = image[y0:y1, x0:x1]
-    image[y0:y1, x0:x1] = patch * (1 - cavity) + colour * cavity
+    return (x0, y0, x1, y1), colour, cavity
+
+
+def over(image, layer):
+    """A `mouth_layer` composited over a float image (in place; None leaves it as it is); returns image."""
+    if layer is not None:
+        (x0, y0, x1, y1), colour, cavity = layer
+        image[y0:y1, x0:x1] = image[y0:y1, x0:x1] * (1 - cavity) + colour * cavity
     return image
+
+
+def draw_mouth(image, mesh_t, iod):
+    """The mouth cavity and teeth (`mouth_layer`) drawn into a float image (in place); returns image."""
+    return over(image, mouth_layer(mesh_t, iod, image.shape[:2]))
 
 
 def render_clip(identity, art, blink, pose, size=256, turning=None):

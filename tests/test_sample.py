@@ -248,4 +248,20 @@ def test_detail_transfer_brings_the_photos_detail_back_where_the_driving_landmar
         return np.mean([change[line[:, 1] + dy, line[:, 0]] for dy in range(-4, 5)])
     assert detail_on_line(out) > 1.5 * detail_on_line(still)         # the lip's edge moved there, not grain
     gap = np.round(0.5 * (moved[13, :2] + moved[14, :2]) - [60, 120]).astype(int)  # inside the opened mouth
-    assert out[gap[1], gap[0]].mean() < soft[gap[1], gap[0]].mean() - 10            # the cavity is drawn in
+    assert np.abs(out[gap[1], gap[0]] - [40, 12, 16]).max() < 8  # the drawn cavity lies over the render whole
+
+
+def test_paste_back_teeth_taper_to_the_mouth_corners_and_the_synthetic_ones_do_not():
+    from synth_face import identity_texture, mouth_layer
+    _, mesh, _ = identity_texture(0, 256)
+    mesh = mesh.copy()
+    mesh[list(landmarks.LOWER_INNER) + list(landmarks.LOWER_OUTER), 1] += 12  # an open mouth
+    iod = float(landmarks.inter_ocular(mesh))
+    normal = (mesh[14, :2] - mesh[13, :2]) / np.linalg.norm(mesh[14, :2] - mesh[13, :2])
+    for point, corner in ((13, False), (191, True)):  # mid upper lip; the upper lip's point next to a corner
+        x, y = np.round(mesh[point, :2] + 1.5 * normal).astype(int)  # 1.5 px inside the mouth, under the upper lip
+        bright = []
+        for taper in (False, True):
+            (x0, y0, _, _), colour, alpha = mouth_layer(mesh, iod, (256, 256), taper)
+            bright.append(colour[y - y0, x - x0].mean())
+        assert bright[0] > 150 and (bright[1] < 100 if corner else bright[1] > 150), (point, bright)
