@@ -554,11 +554,10 @@ class DreamHead:
         """This cascade with its L2I fine-tuned for `steps` steps on the face's reference frame, cut as `render`
         cuts it, warped onto A2L's landmarks for synthetic speech (adapt.py); self is left as it was."""
         ref = int(np.flatnonzero(face.usable)[0])
-        box = landmarks.clip_face_boxes(face.P, self.face_iod)[ref:ref + 1]  # (1, 3), as plan() frames it
-        canon, pose = landmarks.canonicalize(face.P)  # (N, 478, 3), as plan() builds P̄
-        speech = Speech(synthetic_speech(ADAPT_FRAMES, seed), SAMPLE_RATE, normalize=False)
-        motion = np.concatenate(list(self.landmark_stream(speech, canon[face.usable].mean(0), seed=seed)))
-        P = landmarks.uncanonicalize(motion, {k: v[[ref] * len(motion)] for k, v in pose.items()})  # (T, 478, 3)
+        plan = self.plan(Speech(synthetic_speech(ADAPT_FRAMES, seed), SAMPLE_RATE, normalize=False), face, seed=seed)
+        box = plan.boxes[ref:ref + 1]  # (1, 3)
+        motion = np.concatenate(list(plan.canonical()))  # (T, 478, 3) canonical, from A2L
+        P = landmarks.uncanonicalize(motion, {k: v[[ref] * len(motion)] for k, v in plan.pose.items()})  # (T, 478, 3)
         crop = landmarks.crop_faces(face.frames[ref:ref + 1], box, self.size, area=crop_filter == "area")[0]
         hi_crop = landmarks.crop_faces(face.frames[ref:ref + 1], box, RENDER_SIZE)[0]
         l2i = adapt_l2i(self.l2i, self.vae, crop, landmarks.to_crop(face.P[ref:ref + 1], box, self.size)[0], hi_crop,
