@@ -242,9 +242,17 @@ class NoiseScheduler:
 # Classifier-free guidance (Ho & Salimans 2022)
 # ----------------------------------------------------------------------------------------------------------
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Guided prediction uncond + s (cond - uncond); s = 1 gives the conditional prediction."""
-    return uncond + scale * (cond - uncond)
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Guided prediction uncond + s (cond - uncond); s = 1 gives the conditional prediction. rescale = phi > 0
+    (guidance rescale, Lin et al. 2024, Sec. 3.4): the guided prediction scaled to the conditional one's standard
+    deviation over each sample, mixed with the plain guided one as phi * rescaled + (1 - phi) * guided, so guidance
+    sharpens the prediction without inflating it."""
+    guided = uncond + scale * (cond - uncond)
+    if rescale == 0:
+        return guided
+    dims = tuple(range(1, cond.ndim))  # every axis but the batch
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -673,7 +673,7 @@ def _train(args) -> str:
     return ckpt_path if rank == 0 else None
 
 
-SAMPLING_FIELDS = ("sample_steps", "eta", "guidance")  # config fields that sampling reads and training does not
+SAMPLING_FIELDS = ("sample_steps", "eta", "guidance", "guidance_rescale")  # fields sampling reads, training not
 
 
 def export(src: str, dst: str, stage: str, config) -> None:
@@ -682,7 +682,7 @@ def export(src: str, dst: str, stage: str, config) -> None:
     extra and history stay, so load_model and the README numbers still work."""
     ckpt = load_checkpoint(src, stage)
     ckpt.update(model=ckpt["ema"], optimizer=None)
-    ckpt["config"] = {**ckpt["config"], **{k: getattr(config, k) for k in SAMPLING_FIELDS if k in ckpt["config"]}}
+    ckpt["config"] = {**ckpt["config"], **{k: getattr(config, k) for k in SAMPLING_FIELDS if hasattr(config, k)}}
     save_checkpoint(ckpt, dst)
     print(f"exported {src} (step {ckpt['step']}) -> {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 

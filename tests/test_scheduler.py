@@ -149,6 +149,19 @@ def test_cfg_helpers():
     assert torch.equal(cfg_combine(cond, uncond, 2.0), torch.full((2,), 5.0))
 
 
+def test_guidance_rescale_gives_each_sample_the_conditional_spread_and_mixes_by_phi():
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    guided = cfg_combine(cond, uncond, 2.0)
+    assert torch.equal(cfg_combine(cond, uncond, 2.0, 0.0), guided)
+    assert not torch.allclose(guided.std(dim=(1, 2)), cond.std(dim=(1, 2)), rtol=0.05)  # guidance inflates it
+    full = cfg_combine(cond, uncond, 2.0, 1.0)
+    torch.testing.assert_close(full.std(dim=(1, 2)), cond.std(dim=(1, 2)))  # per sample, not over the batch
+    unit = [x / x.std(dim=(1, 2), keepdim=True) for x in (full, guided)]
+    torch.testing.assert_close(*unit)  # the guided direction, only rescaled
+    torch.testing.assert_close(cfg_combine(cond, uncond, 2.0, 0.7), 0.7 * full + 0.3 * guided)
+
+
 # ---- cross-check against diffusers (optional dependency, reference only) ----------------------------------
 
 def test_agrees_with_diffusers_schedulers():
