@@ -257,8 +257,9 @@ def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box, detail
     crop_box (x0, y0, side) in source px; generated uint8 (S, S, 3); mouth_box (x0, y0, x1, y1) in crop px;
     detail: the size in generated px below which `transfer_detail` takes the detail from the source warped from
     its landmarks onto the driving ones (meshes: two (478, 3) in source px) over `triangles`
-    (`synth_face.mesh_triangles`); 0: the upscaled crop as it is. Only the region around the mouth is touched;
-    pixels outside the feathered box stay the source's."""
+    (`synth_face.mesh_triangles`, of the first mesh when None: pass them to reuse them across frames); 0: the
+    upscaled crop as it is. Only the region around the mouth is touched; pixels outside the feathered box stay the
+    source's."""
     H, W = source.shape[:2]
     x0, y0, side = crop_box
     k = side / generated.shape[0]  # source px per crop px
@@ -274,6 +275,7 @@ def paste(source: np.ndarray, crop_box, generated: np.ndarray, mouth_box, detail
     patch = cv2.warpAffine(generated, M, (rx1 - rx0, ry1 - ry0), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
     if detail > 0:
+        triangles = mesh_triangles(meshes[0]) if triangles is None else triangles  # (K, 3)
         patch = transfer_detail(patch, source[ry0:ry1, rx0:rx1], (rx0, ry0), k, meshes, triangles, detail)
     mask = np.zeros((ry1 - ry0, rx1 - rx0), np.float32)
     bx0, by0, bx1, by1 = (int(round(v)) for v in box - [rx0, ry0, rx0, ry0])

@@ -265,3 +265,16 @@ def test_paste_back_teeth_taper_to_the_mouth_corners_and_the_synthetic_ones_do_n
             (x0, y0, _, _), colour, alpha = mouth_layer(mesh, iod, (256, 256), taper)
             bright.append(colour[y - y0, x - x0].mean())
         assert bright[0] > 150 and (bright[1] < 100 if corner else bright[1] > 150), (point, bright)
+
+
+def test_paste_with_detail_finds_its_own_triangles_when_none_are_given():
+    from dreamhead import paste
+    from synth_face import identity_texture, mesh_triangles
+    texture, mesh, _ = identity_texture(0, 256)
+    photo = np.clip(texture, 0, 255).astype(np.uint8)
+    moved = mesh.copy()
+    moved[list(landmarks.LOWER_INNER) + list(landmarks.LOWER_OUTER), 1] += 8  # the lower lip drops 8 px
+    generated = cv2.resize(photo[64:192, 64:192], (64, 64), interpolation=cv2.INTER_AREA)  # a 64 px "render"
+    args = (photo, (64, 64, 128), generated, (16, 30, 48, 60), 0.5, (mesh, moved))
+    given = paste(*args, triangles=mesh_triangles(mesh))
+    assert np.array_equal(paste(*args), given) and not np.array_equal(given, photo)
