@@ -66,8 +66,8 @@ from common import atomic_write, save_png, to_tensor_image, to_uint8_image
 from dreamhead import DETAIL, DreamHead, default_checkpoint, default_workers, load_face, load_model, share_cores
 from l2i import L2IFrames, L2ILatents
 from metrics import UPSCALE, av_offset, canonical_jitter, corr, corr_by_identity, detect_landmarks, finite_mean, \
-    fitted_errors, fitted_lip_error, image_scores, landmark_metrics, measured_opening, motion_change, mouth_sharpness, \
-    nan_corr, opening_per_iod, plot_opening, psnr, sharpness_regions, silence_ratio, speech_envelope
+    fitted_errors, fitted_lip_error, image_scores, landmark_metrics, lip_regions, measured_opening, motion_change, \
+    mouth_sharpness, nan_corr, opening_per_iod, plot_opening, psnr, silence_ratio, skin_region, speech_envelope
 from synth_clips import appearance_frames, clips_or_synthetic
 
 FID_STILLS = 16  # stills per identity that train the DreamHead-FID network
@@ -350,32 +350,36 @@ def real_inputs(folder: str) -> tuple[list[str], list[str]]:
 def real_row(model, face, speech: Speech, photo: np.ndarray, args) -> tuple[dict, np.ndarray, np.ndarray]:
     """Measures of one photo and recording: MediaPipe's opening on the output against the speech envelope (best
     lag within 2 frames), pauses against speech, the same for A2L's landmarks, and the mouth's sharpness
-    against the face skin around it on the output and on the photo itself. Also the frames and skin mask."""
+    against the face skin around it on the output and on the photo itself. Also the frames and the pasted region."""
     talk = model.generate(speech, face, steps=args.steps, seed=args.seed, detail=args.detail)
     frames = np.concatenate(list(talk))                                   # (T, H, W, 3) at the photo's size
     envelope = speech_envelope(speech.wave(), SAMPLE_RATE, len(frames))
     measured = measured_opening(frames, detect_size=max(256, *frames.shape[1:3]))
     driving = opening_per_iod(talk.landmarks)                             # (T,) A2L's, before rendering
-    mouth, skin = sharpness_regions(frames, photo, face.P[0])
+    skin = skin_region(frames, photo, face.P[0])
+    lips = lip_regions(np.concatenate([face.P[:1], talk.landmarks]), photo.shape[:2])  # (1 + T, H, W): photo, frames
     row = {"frames": len(frames), "envelope_corr": av_offset(measured, envelope, max_lag=2)[1],
            "pause_ratio": silence_ratio(measured, envelope),
            "landmarks_envelope_corr": av_offset(driving, envelope, max_lag=2)[1],
            "landmarks_pause_ratio": silence_ratio(driving, envelope),
-           "sharpness": float(mouth_sharpness(frames, mouth, skin).mean()),
-           "photo_sharpness": float(mouth_sharpness(photo[None], mouth, skin)[0]),
+           "sharpness": float(mouth_sharpness(frames, lips[1:], skin).mean()),
+           "photo_sharpness": float(mouth_sharpness(photo[None], lips[0], skin)[0]),
            "detected": float(np.isfinite(measured).mean())}
     samples, rate = soundfile.read(speech.path, dtype="float32", always_2d=True)  # (S, channels)
     for name, wave in zip(("quiet", "loud_clipped"), loudness_copies(samples)):  # -20 dB; +10 dB clipped
         variant = Speech(wave, rate, name=speech.path)
         row[f"{name}_change"] = motion_change(opening_per_iod(model.generate(variant, face, steps=args.steps,
                                                                              seed=args.seed).landmarks), driving)
-    return row, frames, mouth | skin
+    return row, frames, (frames != photo).any(axis=(0, -1))  # (H, W): the pasted region
 
 
 def mouth_strip(photo: np.ndarray, frames: np.ndarray, region: np.ndarray, count: int = 6) -> np.ndarray:
-    """The photo's mouth region beside `count` output frames' spread over the clip: uint8 (h, (count + 1) w, 3)."""
-    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
-    crop = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    """The photo beside `count` output frames spread over the clip, each cut to the square around `region` (H, W)
+    bool, the pasted mouth: uint8 (s, (count + 1) s, 3)."""
+    spans = [np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))]  # its rows, its columns
+    side = min(max(a[-1] - a[0] + 1 for a in spans), *region.shape)
+    y0, x0 = (int(np.clip((a[0] + a[-1] + 1 - side) // 2, 0, n - side)) for a, n in zip(spans, region.shape))
+    crop = np.s_[y0:y0 + side, x0:x0 + side]
     picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
     return np.concatenate([photo[crop]] + [frames[i][crop] for i in picks], axis=1)
 
@@ -639,15 +643,12 @@ def parse_args(argv=None):
     e.add_argument("--inputs", default="examples/real", help="Folder of real photos (png, jpg) and recordings (wav, "
                    "flac); every photo is dubbed with every recording.")
     e.add_argument("--strip", default=None, help="PNG of the first photo's mouth beside six output frames.")
-    e.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
     for q in (s, e):
         q.add_argument("--detail", type=nonnegative_float, default=DETAIL, help="Size in generated px below which "
                        "the photo's own detail, warped onto the driving landmarks, goes into the pasted mouth, as "
                        "sample.py --detail (0: off).")
         q.add_argument("--adapt", type=int_flag(0), default=0, help="Steps of fine-tuning L2I on each photo first, "
                        "as sample.py --adapt (0: off).")
-    for q, stage in ((q, stage) for q in (o, s, e) for stage in ("a2l", "vae", "l2i")):
-        q.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
     s.add_argument("--crop-filter", choices=("bilinear", "area"), default="bilinear", help="How the face crop is "
                    "shrunk to the model's size, as sample.py --crop-filter.")
     f = sub.add_parser("fid-net", help="train the DreamHead-FID feature network (not comparable with Inception FID)")
@@ -656,21 +657,21 @@ def parse_args(argv=None):
     f.add_argument("--steps", type=int_flag(1), default=800, help="Optimizer steps.")
     f.add_argument("--batch", type=int_flag(2), default=64, help="Face crops per step.")
     f.add_argument("--seed", type=seed_flag, default=1, help="Seed of the identities and of the training.")
-    f.add_argument("--json", default=None, help="Write the training record to this JSON file.")
     r = sub.add_parser("report", help="the cascade and each stage on held-out clips: PSNR, SSIM, LMD, sync, "
                        "jitter, silence, DreamHead-FID; JSON and a markdown table")
     r.add_argument("--every", type=int_flag(1), default=2, help="L2I alone renders every n-th frame.")
     r.add_argument("--fid-net", default="checkpoints/fid_tiny.pt", help="The DreamHead-FID feature network.")
     r.add_argument("--table", default=None, help="Write the markdown table to this file.")
-    for stage in ("a2l", "vae", "l2i"):
-        r.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
+    for q, stage in ((q, stage) for q in (o, s, e, r) for stage in ("a2l", "vae", "l2i")):
+        q.add_argument(f"--{stage}", default=None, help=f"The {stage.upper()} checkpoint; by default the shipped one.")
     for q in (a, v, i, s, o, r):
         q.add_argument("--data", default=None, help="Folder of held-out clips (of a prepared folder, its test split); "
                        "by default the synthetic test split.")
         q.add_argument("--poses", default="small", choices=("small", "wide"), help="Head motion of the synthetic "
                        "held-out clips: small (as the shipped models saw) or wide (the posed split).")
         q.add_argument("--clips", type=int_flag(1), default=20, help="Synthetic held-out clips.")
-        q.add_argument("--json", default=None, help="Write the metrics to this JSON file.")
+    for q in (a, v, i, s, o, r, e, f):
+        q.add_argument("--json", default=None, help="Write the results to this JSON file.")
     for q in (v, i, s, r):
         q.add_argument("--upscale", choices=sorted(UPSCALE), default="cubic", help="Interpolation that upscales "
                        "frames before MediaPipe detection; on soft 64 px frames the opening correlation moves by a "

@@ -324,21 +324,27 @@ def detail_energy(frames: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     return (grey - blurred) ** 2
 
 
-def sharpness_regions(frames: np.ndarray, photo: np.ndarray, P_photo: np.ndarray, core: float = 0.2,
-                      ring: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """(mouth, skin) boolean masks (H, W) for `mouth_sharpness` on outputs pasted into a still photo.
+def lip_regions(P: np.ndarray, image_hw: tuple[int, int], grow: float = 0.15) -> np.ndarray:
+    """Per frame, the mouth: the hull of the outer lip points of landmarks P (T, 478, 3) px, grown by `grow` x the
+    mouth's width so the lips' edges count: (T, H, W) bool."""
+    P = np.asarray(P, np.float64)
+    masks = np.zeros((len(P), *image_hw), np.uint8)
+    outer = list(landmarks.LIPS_OUTER)
+    for mask, points in zip(masks, P[:, outer, :2]):  # (20, 2) each; a polygon per frame, no per-pixel loop
+        cv2.fillConvexPoly(mask, cv2.convexHull(np.round(points).astype(np.int32)), 1)
+        width = float(np.ptp(points[:, 0]))
+        mask[:] = scipy.ndimage.distance_transform_edt(mask == 0) <= grow * width
+    return masks.astype(bool)
 
-    The pasted region is where any frame (T, H, W, 3) differs from the photo (H, W, 3); paste-back leaves every
-    other pixel as it was. mouth: its inside, farther than `core` x its width from its edge (where the feathered
-    mask is full, so only generated pixels count); skin: the face (hull of the photo's face oval, P_photo
-    (478, 3) px) outside the pasted region and away from the eyes and brows (their hulls grown by a fifth of the
-    eye distance), within `ring` x its width of it."""
+
+def skin_region(frames: np.ndarray, photo: np.ndarray, P_photo: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the face skin that paste-back leaves as it was, for `mouth_sharpness` on outputs pasted into a
+    still photo. The face (hull of the photo's face oval, P_photo (478, 3) px) more than 2 px outside the pasted
+    region (where any frame (T, H, W, 3) differs from the photo (H, W, 3)), below the eyes (above them hair
+    often covers the forehead) and a fifth of the eye distance away from eyes and brows."""
     changed = (np.asarray(frames) != np.asarray(photo)[None]).any(axis=(0, -1))  # (H, W)
     if not changed.any():
         raise ValueError("no frame differs from the photo: nothing was pasted")
-    cols = np.flatnonzero(changed.any(axis=0))
-    width = float(cols[-1] - cols[0] + 1)
-    inside = scipy.ndimage.distance_transform_edt(changed)
     outside = scipy.ndimage.distance_transform_edt(~changed)
     face = np.zeros(changed.shape, np.uint8)
     cv2.fillConvexPoly(face, cv2.convexHull(np.round(P_photo[list(landmarks.FACE_OVAL_RING), :2]).astype(np.int32)),
@@ -348,15 +354,19 @@ def sharpness_regions(frames: np.ndarray, photo: np.ndarray, P_photo: np.ndarray
                   landmarks.RIGHT_EYEBROW_EDGES):
         cv2.fillConvexPoly(eyes, cv2.convexHull(np.round(P_photo[np.unique(edges), :2]).astype(np.int32)), 1)
     near_eyes = scipy.ndimage.distance_transform_edt(eyes == 0) <= 0.2 * float(landmarks.inter_ocular(P_photo))
-    return inside > core * width, (outside > 2) & (outside <= ring * width) & face.astype(bool) & ~near_eyes
+    eye_rows = P_photo[np.unique(np.concatenate([landmarks.LEFT_EYE_EDGES, landmarks.RIGHT_EYE_EDGES])), 1]
+    below_eyes = np.arange(changed.shape[0])[:, None] > eye_rows.max()  # (H, 1)
+    return (outside > 2) & face.astype(bool) & ~near_eyes & below_eyes
 
 
 def mouth_sharpness(frames: np.ndarray, mouth: np.ndarray, skin: np.ndarray) -> np.ndarray:
-    """Per frame, the mean detail energy (`detail_energy`) inside `mouth` over that of `skin` (both (H, W) bool):
-    frames (T, H, W, 3) -> (T,). A photo's own mouth scores above 1 (lips and teeth have edges); a blurred paste
-    scores far below its surroundings."""
+    """Per frame, the mean detail energy (`detail_energy`) inside its `mouth` mask ((T, H, W) or one (H, W) for
+    all) over that of `skin` ((H, W) bool): frames (T, H, W, 3) -> (T,). A photo's own mouth scores well above 1
+    (lips and teeth have edges); a blurred paste scores far below 1."""
     energy = detail_energy(frames)  # (T, H, W)
-    return energy[:, mouth].mean(axis=1) / np.maximum(energy[:, skin].mean(axis=1), 1e-12)
+    mouth = np.broadcast_to(mouth, energy.shape)
+    inside = (energy * mouth).sum(axis=(1, 2)) / np.maximum(mouth.sum(axis=(1, 2)), 1)
+    return inside / np.maximum(energy[:, skin].mean(axis=1), 1e-12)
 
 
 def motion_change(opening: np.ndarray, reference: np.ndarray) -> float:
