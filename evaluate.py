@@ -642,7 +642,7 @@ def parse_args(argv=None):
                        "pauses, mouth sharpness, loudness robustness")
     e.add_argument("--inputs", default="examples/real", help="Folder of real photos (png, jpg) and recordings (wav, "
                    "flac); every photo is dubbed with every recording.")
-    e.add_argument("--strip", default=None, help="PNG of the first photo's mouth beside six output frames.")
+    e.add_argument("--strip", default=None, help="PNG: the first photo beside six output frames, around the mouth.")
     for q in (s, e):
         q.add_argument("--detail", type=nonnegative_float, default=DETAIL, help="Size in generated px below which "
                        "the photo's own detail, warped onto the driving landmarks, goes into the pasted mouth, as "
