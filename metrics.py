@@ -12,7 +12,9 @@ landmark and image metrics on HDTF / MEAD, see docs/paper.md):
     jitter (the paper credits diffusion with removing it; `canonical_jitter` for detected landmarks);
   - audio-visual offset (`av_offset`: the lag in [-15, 15] frames maximising the correlation of the mouth
     opening with the speech envelope, `speech_envelope`) and silence behaviour (`silence_ratio`: mean opening
-    during pauses of >= 0.3 s over the mean during speech).
+    during pauses of >= 0.3 s over the mean during speech);
+  - the mouth's sharpness on outputs pasted into a real photo (`mouth_sharpness`: the fine detail of each frame's
+    lips, `lip_regions`, over that of the face skin the paste leaves as it was, `skin_region`).
 """
 from __future__ import annotations
 
