@@ -348,15 +348,16 @@ def real_inputs(folder: str) -> tuple[list[str], list[str]]:
 
 
 def real_row(model, face, speech: Speech, photo: np.ndarray, args) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Measures of one photo and recording: MediaPipe's opening on the output against the speech envelope (best
-    lag within 2 frames), pauses against speech, the same for A2L's landmarks, and the mouth's sharpness
-    against the face skin around it on the output and on the photo itself. Also the frames and the pasted region."""
+    """Measures of one photo and recording: MediaPipe's opening on the output against the speech envelope (best lag
+    within 2 frames), pauses against speech, the same for A2L's landmarks, the mouth's sharpness against the face
+    skin on the output and on the photo; also the frames and the pasted region."""
     talk = model.generate(speech, face, steps=args.steps, seed=args.seed, detail=args.detail)
     frames = np.concatenate(list(talk))                                   # (T, H, W, 3) at the photo's size
     envelope = speech_envelope(speech.wave(), SAMPLE_RATE, len(frames))
     measured = measured_opening(frames, detect_size=max(256, *frames.shape[1:3]))
     driving = opening_per_iod(talk.landmarks)                             # (T,) A2L's, before rendering
-    skin = skin_region(frames, photo, face.P[0])
+    pasted = (frames != photo).any(axis=(0, -1))                          # (H, W): where the mouth was pasted
+    skin = skin_region(pasted, face.P[0])
     lips = lip_regions(np.concatenate([face.P[:1], talk.landmarks]), photo.shape[:2])  # (1 + T, H, W): photo, frames
     row = {"frames": len(frames), "envelope_corr": av_offset(measured, envelope, max_lag=2)[1],
            "pause_ratio": silence_ratio(measured, envelope),
@@ -370,12 +371,11 @@ def real_row(model, face, speech: Speech, photo: np.ndarray, args) -> tuple[dict
         variant = Speech(wave, rate, name=speech.path)
         row[f"{name}_change"] = motion_change(opening_per_iod(model.generate(variant, face, steps=args.steps,
                                                                              seed=args.seed).landmarks), driving)
-    return row, frames, (frames != photo).any(axis=(0, -1))  # (H, W): the pasted region
+    return row, frames, pasted
 
 
 def mouth_strip(photo: np.ndarray, frames: np.ndarray, region: np.ndarray, count: int = 6) -> np.ndarray:
-    """The photo beside `count` output frames spread over the clip, each cut to the square around `region` (H, W)
-    bool, the pasted mouth: uint8 (s, (count + 1) s, 3)."""
+    """The photo and `count` frames spread over the clip, cut to the square around `region`: (s, (count + 1) s, 3)."""
     spans = [np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))]  # its rows, its columns
     side = min(max(a[-1] - a[0] + 1 for a in spans), *region.shape)
     y0, x0 = (int(np.clip((a[0] + a[-1] + 1 - side) // 2, 0, n - side)) for a, n in zip(spans, region.shape))

@@ -339,12 +339,11 @@ def lip_regions(P: np.ndarray, image_hw: tuple[int, int], grow: float = 0.15) ->
     return masks.astype(bool)
 
 
-def skin_region(frames: np.ndarray, photo: np.ndarray, P_photo: np.ndarray) -> np.ndarray:
+def skin_region(changed: np.ndarray, P_photo: np.ndarray) -> np.ndarray:
     """(H, W) bool: the face skin that paste-back leaves as it was, for `mouth_sharpness` on outputs pasted into a
     still photo. The face (hull of the photo's face oval, P_photo (478, 3) px) more than 2 px outside the pasted
-    region (where any frame (T, H, W, 3) differs from the photo (H, W, 3)), below the eyes (above them hair
+    region `changed` ((H, W) bool: where any output frame differs from the photo), below the eyes (above them hair
     often covers the forehead) and a fifth of the eye distance away from eyes and brows."""
-    changed = (np.asarray(frames) != np.asarray(photo)[None]).any(axis=(0, -1))  # (H, W)
     if not changed.any():
         raise ValueError("no frame differs from the photo: nothing was pasted")
     outside = scipy.ndimage.distance_transform_edt(~changed)
